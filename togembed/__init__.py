@@ -1,0 +1,76 @@
+"""togembed: an async-first client for Together AI's embeddings API.
+
+Batches any number of inputs, sends them concurrently with retries and backoff, and returns the
+vectors in input order, as Together's response shape or as one float32 numpy array.
+"""
+
+from ._client import AsyncClient, AsyncEmbeddings
+from ._config import (
+    DEFAULT_BASE_URL,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_ENCODING_FORMAT,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    RetryPolicy,
+)
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    InternalServerError,
+    InvalidInputError,
+    MissingAPIKeyError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    TogembedError,
+    UnprocessableEntityError,
+)
+from ._runner import ClientStats
+from ._sync import Client, Embeddings
+from ._transport import Response, Transport
+from ._types import Embedding, EmbeddingResponse, Usage
+from ._version import __version__
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_ENCODING_FORMAT",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "APIConnectionError",
+    "APIError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncClient",
+    "AsyncEmbeddings",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ClientStats",
+    "Embedding",
+    "EmbeddingResponse",
+    "Embeddings",
+    "InternalServerError",
+    "InvalidInputError",
+    "MissingAPIKeyError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "Response",
+    "RetryPolicy",
+    "TogembedError",
+    "Transport",
+    "UnprocessableEntityError",
+    "Usage",
+    "__version__",
+]

@@ -1,0 +1,80 @@
+"""Defaults and small frozen configuration values. Every tunable lives here with its reason."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Literal
+from urllib.parse import urlsplit
+
+import attrs
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_ENCODING_FORMAT",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "EncodingFormat",
+    "RetryPolicy",
+]
+
+EncodingFormat = Literal["base64", "float"]
+
+DEFAULT_BASE_URL = "https://api.together.xyz/v1"
+# Seconds for one HTTP attempt (connect + send + full body). A 128-input batch answers in well
+# under a second; 60 s leaves room for a loaded server without hanging a request handler forever.
+DEFAULT_TIMEOUT = 60.0
+# Retries after the first attempt, per batch. Higher than openai's 2: a corpus job sees 429s as
+# routine, and giving up on one batch fails the whole call.
+DEFAULT_MAX_RETRIES = 6
+# Inputs per request. 128 keeps a float-JSON response near 2 MB (decoded in ~5 ms, so the event
+# loop never stalls) while amortising per-request overhead.
+DEFAULT_BATCH_SIZE = 128
+# Estimated tokens per request: 128 inputs of a 512-token model.
+DEFAULT_MAX_BATCH_TOKENS = 65_536
+# Requests in flight per call. Enough to hide 20-200 ms of latency; not a burst that trips limits.
+DEFAULT_CONCURRENCY = 16
+# base64 is 4x smaller on the wire and ~4x cheaper to decode than float JSON (docs/benchmarks.md).
+DEFAULT_ENCODING_FORMAT: EncodingFormat = "base64"
+
+API_KEY_ENV = "TOGETHER_API_KEY"
+BASE_URL_ENV = "TOGETHER_BASE_URL"
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How one batch is retried: jittered exponential backoff, bounded in attempts AND time.
+
+    The server's own hint (``Retry-After``, ``retry-after-ms``, ``x-ratelimit-reset``) replaces
+    the computed backoff, capped at ``max_retry_after``.
+    """
+
+    max_retries: int = attrs.field(default=DEFAULT_MAX_RETRIES, validator=attrs.validators.ge(0))
+    initial_backoff: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    max_backoff: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    max_retry_after: float = attrs.field(default=120.0, validator=attrs.validators.ge(0))
+    # Total seconds one batch may spend, attempts and waits included; no wait starts past it.
+    timeout: float = attrs.field(default=600.0, validator=attrs.validators.gt(0))
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    return api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    return url.rstrip("/")
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for servers on this machine (``togembed serve``, test servers): no key needed."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

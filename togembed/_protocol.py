@@ -1,0 +1,260 @@
+"""Together's wire protocol, without I/O: request bodies, response decoding and validation,
+error bodies and statuses mapped to exceptions, and the server's retry hints."""
+
+from __future__ import annotations
+
+import binascii
+import email.utils
+import html
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import orjson
+
+from ._exceptions import APIResponseValidationError, APIStatusError, status_error_class
+from ._types import Embedding, Usage
+
+__all__ = [
+    "DecodedBatch",
+    "decode_embeddings",
+    "encode_request",
+    "error_from_response",
+    "parse_retry_after",
+    "request_id_of",
+]
+
+_F32 = np.dtype("<f4")
+
+
+def encode_request(model: str, texts: Sequence[str], encoding_format: str | None) -> bytes:
+    """The JSON body of ``POST /embeddings``. ``encoding_format`` is omitted when None, because
+    servers older than ~2025-09 reject arguments they do not know."""
+    body: dict[str, Any] = {"model": model, "input": list(texts)}
+    if encoding_format is not None:
+        body["encoding_format"] = encoding_format
+    return orjson.dumps(body)
+
+
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    return headers.get("x-request-id") or headers.get("request-id") or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Successful answers
+
+
+@attrs.frozen
+class DecodedBatch:
+    """A validated answer: ``rows[i]`` is the vector of input i of the batch (a float list or a
+    base64 string, as sent), all of length ``dim``."""
+
+    rows: list[Any]
+    dim: int
+    model: str | None
+    usage: Usage | None
+    is_base64: bool
+
+    def write_into(self, out: np.ndarray) -> None:
+        """Write the rows into ``out`` (shape ``(len(rows), dim)``), decoding base64 in place."""
+        try:
+            if self.is_base64:
+                for i, row in enumerate(self.rows):
+                    out[i] = np.frombuffer(binascii.a2b_base64(row), dtype=_F32)
+            else:
+                out[:] = self.rows
+        except (ValueError, TypeError, binascii.Error) as exc:
+            raise APIResponseValidationError(f"embedding values are not numbers: {exc}") from exc
+
+    def to_embeddings(self, offset: int, *, keep_base64: bool) -> list[Embedding]:
+        """``Embedding`` objects indexed from ``offset``; base64 rows become float lists unless
+        the caller asked for base64."""
+        if self.is_base64 and not keep_base64:
+            arr = np.empty((len(self.rows), self.dim), dtype=_F32)
+            self.write_into(arr)
+            values: list[Any] = arr.tolist()
+        elif not self.is_base64 and keep_base64:
+            arr = np.empty((len(self.rows), self.dim), dtype=_F32)
+            self.write_into(arr)
+            values = [binascii.b2a_base64(r.tobytes(), newline=False).decode() for r in arr]
+        else:
+            values = self.rows
+        return [Embedding(embedding=v, index=offset + i) for i, v in enumerate(values)]
+
+
+def _base64_dim(s: str) -> int:
+    n = len(s)
+    if n % 4:
+        return -1
+    nbytes = n // 4 * 3 - (2 if s.endswith("==") else 1 if s.endswith("=") else 0)
+    return nbytes // 4 if nbytes % 4 == 0 else -1
+
+
+def _invalid(message: str, body: bytes, request_id: str | None) -> APIResponseValidationError:
+    return APIResponseValidationError(message, body=body[:2000], request_id=request_id)
+
+
+def decode_embeddings(
+    body: bytes, expected: int, *, dim: int | None = None, request_id: str | None = None
+) -> DecodedBatch:
+    """Parse and check an embeddings answer for ``expected`` inputs.
+
+    Every index 0..expected-1 must appear exactly once (items may come in any order) and every
+    row must have the same dimension (``dim`` when given: the one earlier batches had); anything
+    else is an ``APIResponseValidationError``.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid(f"response is not valid JSON ({exc})", body, request_id) from exc
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise _invalid("response has no 'data' list", body, request_id)
+    if len(data) != expected:
+        raise _invalid(f"expected {expected} embeddings, got {len(data)}", body, request_id)
+
+    rows: list[Any] = [None] * expected
+    dim = -1 if dim is None else dim
+    kind: type | None = None
+    for item in data:
+        try:
+            index = item["index"]
+            emb = item["embedding"]
+        except (TypeError, KeyError):
+            raise _invalid("an item lacks 'index' or 'embedding'", body, request_id) from None
+        if type(index) is not int or not 0 <= index < expected:
+            raise _invalid(f"index {index!r} out of range 0..{expected - 1}", body, request_id)
+        if rows[index] is not None:
+            raise _invalid(f"index {index} appears twice", body, request_id)
+        if kind is None:
+            kind = type(emb)
+            if kind is not list and kind is not str:
+                raise _invalid("embedding is neither a list nor a string", body, request_id)
+        elif type(emb) is not kind:
+            raise _invalid("embeddings mix lists and base64 strings", body, request_id)
+        d = len(emb) if kind is list else _base64_dim(emb)
+        if dim == -1:
+            dim = d
+        if d != dim or d <= 0:
+            raise _invalid(f"row {index} has dimension {d}, expected {dim}", body, request_id)
+        rows[index] = emb
+    return DecodedBatch(
+        rows=rows,
+        dim=max(dim, 0),
+        model=doc.get("model") if isinstance(doc.get("model"), str) else None,
+        usage=_usage(doc.get("usage")),
+        is_base64=kind is str,
+    )
+
+
+def _usage(raw: object) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    prompt, total = raw.get("prompt_tokens"), raw.get("total_tokens")
+    if type(prompt) is not int:
+        return None
+    return Usage(prompt_tokens=prompt, total_tokens=total if type(total) is int else prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+_TAG = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+
+
+def _text_message(body: bytes) -> str:
+    """A short human message out of an HTML or text error page."""
+    text = body[:4000].decode("utf-8", "replace")
+    title = re.search(r"<title>(.*?)</title>", text, re.I | re.S) or re.search(
+        r"<h1[^>]*>(.*?)</h1>", text, re.I | re.S
+    )
+    if title:
+        text = title.group(1)
+    text = _SPACE.sub(" ", html.unescape(_TAG.sub(" ", text))).strip()
+    return text[:300]
+
+
+def error_from_response(
+    status: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None
+) -> APIStatusError:
+    """The typed exception for a non-2xx answer, with the server's message and request id."""
+    parsed: Any = None
+    message = error_type = param = code = None
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict):
+            message = err.get("message")
+            error_type = err.get("type")
+            param = err.get("param")
+            code = err.get("code")
+        elif isinstance(err, str):
+            message = err
+    if not isinstance(message, str) or not message:
+        message = _text_message(body) if body and parsed is None else ""
+    cls = status_error_class(status)
+    return cls(
+        f"HTTP {status}: {message}" if message else f"HTTP {status}",
+        status_code=status,
+        body=parsed if parsed is not None else body[:2000].decode("utf-8", "replace"),
+        request_id=request_id_of(headers),
+        error_type=error_type if isinstance(error_type, str) else None,
+        param=param if isinstance(param, str) else None,
+        code=str(code) if code is not None else None,
+        retry_after=parse_retry_after(headers, now=now, include_reset=status == 429),
+    )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _seconds(value: str, now: float) -> float | None:
+    """Seconds in any form servers use: ``1.5``, ``250ms``, ``1m30s``, an HTTP date, an epoch."""
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION.findall(value)
+        if parts and "".join(n + u for n, u in parts) == value.replace(" ", ""):
+            return sum(float(n) * _UNITS[u] for n, u in parts)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        return when.timestamp() - now
+    if seconds > 1e9:  # an epoch timestamp, not an interval
+        return seconds - now
+    return seconds
+
+
+def parse_retry_after(
+    headers: Mapping[str, str], *, now: float | None = None, include_reset: bool = True
+) -> float | None:
+    """How long the server asked us to wait, in seconds (>= 0), or None if it did not say.
+
+    Order: ``retry-after-ms`` (most precise), ``Retry-After`` (seconds or HTTP date), then
+    Together's ``x-ratelimit-reset`` (its suggested retry interval; it rides on every answer, so
+    callers only count it on a 429).
+    """
+    now = time.time() if now is None else now
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    for name in ("retry-after", "x-ratelimit-reset") if include_reset else ("retry-after",):
+        raw = headers.get(name)
+        if raw is not None:
+            seconds = _seconds(raw, now)
+            if seconds is not None and seconds == seconds:  # not NaN
+                return max(0.0, seconds)
+    return None

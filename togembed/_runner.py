@@ -1,0 +1,285 @@
+"""Scheduling one call: a bounded pool of senders pulls batches from a lazy plan, retries each,
+splits what the server finds too large, bisects to the input it rejects, and hands every good
+answer to a sink that writes it at its place."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Protocol
+
+import attrs
+import numpy as np
+
+from ._batching import Batch, plan_batches, split_batch
+from ._config import EncodingFormat, RetryPolicy
+from ._exceptions import APIStatusError
+from ._protocol import (
+    DecodedBatch,
+    decode_embeddings,
+    encode_request,
+    error_from_response,
+    request_id_of,
+)
+from ._retry import call_with_retries
+from ._transport import Transport
+from ._types import Embedding, EmbeddingResponse, Usage
+
+__all__ = ["ArraySink", "CallSettings", "ClientStats", "ListSink", "run_call"]
+
+logger = logging.getLogger("togembed")
+
+_NO_TOKEN_LIMIT = 1 << 62
+_REQUEST_LEVEL = re.compile(
+    r"model|unrecognized request argument|encoding_format|api key|authoriz", re.I
+)
+_TOO_MANY = re.compile(
+    r"too many inputs|batch size|maximum (?:number of )?inputs|payload too large|"
+    r"request (?:entity )?too large|at most \d+ inputs",
+    re.I,
+)
+_INPUT_HINT = re.compile(r"input|token|too long|length|context", re.I)
+_ENCODING_REJECTED = re.compile(r"encoding_format|unrecognized request argument", re.I)
+
+
+@attrs.define
+class ClientStats:
+    """Running counters of one client, for logs and progress: why is my job slow?"""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    inputs: int = 0
+    estimated_tokens: int = 0
+    batches_split: int = 0
+
+
+@attrs.define
+class CallSettings:
+    """What a call needs from its client. ``max_items`` and ``encoding_format`` are learned:
+    they shrink/fall back when a server refuses, and the whole client remembers."""
+
+    transport: Transport
+    url: str
+    headers: dict[str, str]
+    timeout: float
+    retry: RetryPolicy
+    max_items: int
+    max_tokens: int
+    concurrency: int
+    encoding_format: EncodingFormat | None
+    stats: ClientStats
+
+
+class Sink(Protocol):
+    """Where the rows of a validated batch go."""
+
+    def write(self, batch: Batch, decoded: DecodedBatch) -> None: ...
+
+
+class ArraySink:
+    """Rows straight into one preallocated float32 array; allocated when the first answer tells
+    the dimension, so nothing is held per vector."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.array: np.ndarray | None = None
+
+    def write(self, batch: Batch, decoded: DecodedBatch) -> None:
+        if self.array is None:
+            self.array = np.empty((self.n, decoded.dim), dtype=np.float32)
+        decoded.write_into(self.array[batch.start : batch.stop])
+
+    def result(self) -> np.ndarray:
+        return self.array if self.array is not None else np.empty((0, 0), dtype=np.float32)
+
+
+class ListSink:
+    """``Embedding`` objects for ``embeddings.create``, the peers' response shape."""
+
+    def __init__(self, n: int, *, keep_base64: bool) -> None:
+        self.data: list[Embedding | None] = [None] * n
+        self.keep_base64 = keep_base64
+        self.model: str | None = None
+        self.usage: list[Usage | None] = []
+
+    def write(self, batch: Batch, decoded: DecodedBatch) -> None:
+        self.data[batch.start : batch.stop] = decoded.to_embeddings(
+            batch.start, keep_base64=self.keep_base64
+        )
+        self.model = self.model or decoded.model
+        self.usage.append(decoded.usage)
+
+    def result(self, model: str) -> EmbeddingResponse:
+        usage = None
+        if self.usage and all(u is not None for u in self.usage):
+            prompt = sum(u.prompt_tokens for u in self.usage if u)
+            total = sum(u.total_tokens for u in self.usage if u)
+            usage = Usage(prompt_tokens=prompt, total_tokens=total)
+        data: list[Embedding] = self.data  # type: ignore[assignment]  # every slot is written
+        return EmbeddingResponse(data=data, model=self.model or model, usage=usage)
+
+
+def _is_request_level(exc: APIStatusError) -> bool:
+    return exc.param in ("model", "encoding_format") or bool(_REQUEST_LEVEL.search(exc.message))
+
+
+def _rejects_input(exc: APIStatusError) -> bool:
+    """A rejection that may be caused by one input (so bisecting can find it)."""
+    if exc.status_code in (400, 413, 422):
+        return not _is_request_level(exc)
+    if exc.status_code == 403:  # Together answers 403 for inputs over the context length
+        return bool(_INPUT_HINT.search(exc.message)) and not _is_request_level(exc)
+    return False
+
+
+def _too_many_inputs(exc: APIStatusError) -> bool:
+    return exc.status_code == 413 or bool(_TOO_MANY.search(exc.message))
+
+
+class _Call:
+    """The batches of one call, sent under the client's settings."""
+
+    def __init__(
+        self,
+        settings: CallSettings,
+        texts: Sequence[str],
+        model: str,
+        sink: Sink,
+        prefer_float: bool,
+    ) -> None:
+        self.s = settings
+        self.texts = texts
+        self.model = model
+        self.sink = sink
+        self.prefer_float = prefer_float
+        self.dim: int | None = None
+
+    @property
+    def encoding_format(self) -> EncodingFormat | None:
+        """What to ask for: the client's format (None once the server refused the argument),
+        or "float" when the caller wants floats anyway."""
+        fmt = self.s.encoding_format
+        return "float" if fmt is not None and self.prefer_float else fmt
+
+    async def send(self, batch: Batch) -> DecodedBatch:
+        s = self.s
+        body = encode_request(
+            self.model, self.texts[batch.start : batch.stop], self.encoding_format
+        )
+
+        async def attempt() -> DecodedBatch:
+            s.stats.requests += 1
+            logger.debug("POST %s inputs [%d:%d]", s.url, batch.start, batch.stop)
+            resp = await s.transport.post(s.url, body, s.headers, s.timeout)
+            if not 200 <= resp.status < 300:
+                if resp.status == 429:
+                    s.stats.rate_limited += 1
+                elif resp.status >= 500:
+                    s.stats.server_errors += 1
+                raise error_from_response(resp.status, resp.headers, resp.body)
+            decoded = decode_embeddings(
+                resp.body, batch.size, dim=self.dim, request_id=request_id_of(resp.headers)
+            )
+            self.dim = decoded.dim
+            return decoded
+
+        def on_retry(exc: BaseException, wait: float) -> None:
+            s.stats.retries += 1
+
+        return await call_with_retries(
+            attempt, s.retry, describe=f"inputs [{batch.start}:{batch.stop}]", on_retry=on_retry
+        )
+
+    async def process(self, batch: Batch) -> None:
+        s = self.s
+        if batch.size > s.max_items:  # the server taught us a smaller batch size
+            for part in plan_batches(
+                self.texts,
+                max_items=s.max_items,
+                max_tokens=_NO_TOKEN_LIMIT,
+                start=batch.start,
+                stop=batch.stop,
+            ):
+                await self.process(part)
+            return
+        try:
+            decoded = await self.send(batch)
+        except APIStatusError as exc:
+            await self._recover(batch, exc)
+            return
+        s.stats.inputs += batch.size
+        s.stats.estimated_tokens += batch.tokens
+        self.sink.write(batch, decoded)
+
+    async def _recover(self, batch: Batch, exc: APIStatusError) -> None:
+        """Split, bisect or fall back where that can turn a rejection into success; else raise
+        the error, pinned to the input when it is one input's fault."""
+        s = self.s
+        if (
+            exc.status_code == 400
+            and s.encoding_format is not None
+            and _ENCODING_REJECTED.search(exc.message)
+        ):
+            logger.warning("server rejects encoding_format; asking for float JSON from now on")
+            s.encoding_format = None
+            await self.process(batch)
+            return
+        if batch.size > 1 and _rejects_input(exc):
+            if _too_many_inputs(exc) and batch.size <= s.max_items:
+                s.max_items = max(1, batch.size // 2)
+                logger.warning(
+                    "server refused %d inputs per request; using %d", batch.size, s.max_items
+                )
+            s.stats.batches_split += 1
+            for half in split_batch(self.texts, batch):
+                await self.process(half)
+            return
+        if batch.size == 1 and _rejects_input(exc):
+            exc.input_index = batch.start
+        raise exc
+
+
+async def _run_pool(
+    batches: Iterator[Batch], process: Callable[[Batch], Awaitable[None]], workers: int
+) -> None:
+    """``workers`` senders share one lazy plan; the first failure cancels the rest."""
+
+    async def worker() -> None:
+        for batch in batches:
+            await process(batch)
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def run_call(
+    settings: CallSettings,
+    texts: Sequence[str],
+    model: str,
+    sink: Sink,
+    *,
+    prefer_float: bool = False,
+) -> None:
+    """Embed all ``texts`` into ``sink``."""
+    call = _Call(settings, texts, model, sink, prefer_float)
+    batches = plan_batches(texts, max_items=settings.max_items, max_tokens=settings.max_tokens)
+    first = next(batches, None)
+    second = next(batches, None)
+    if first is None:
+        return
+    if second is None:  # a service's few texts: no pool, no extra tasks
+        await call.process(first)
+        return
+    workers = min(settings.concurrency, max(2, -(-len(texts) // settings.max_items)))
+    await _run_pool(itertools.chain((first, second), batches), call.process, workers)
