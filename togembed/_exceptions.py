@@ -1,20 +1,20 @@
 """The exception tree. Names follow openai-python / together v2: users switch without relearning.
 
-    TogembedError
-    ├── InvalidInputError            (also TypeError, ValueError) an input we refuse to send
-    ├── MissingAPIKeyError           (also ValueError) no key configured for a remote base URL
-    └── APIError
-        ├── APIConnectionError       the request did not get an HTTP answer
-        │   └── APITimeoutError      (also TimeoutError)
-        ├── APIResponseValidationError  a 200 whose body is not a valid embeddings answer
-        └── APIStatusError           a non-2xx answer: status_code, body, request_id
-            ├── BadRequestError            400
-            ├── AuthenticationError        401
-            ├── PermissionDeniedError      403
-            ├── NotFoundError              404
-            ├── UnprocessableEntityError   422
-            ├── RateLimitError             429
-            └── InternalServerError        >= 500
+TogembedError
+├── InvalidInputError            (also TypeError, ValueError) an input we refuse to send
+├── MissingAPIKeyError           (also ValueError) no key configured for a remote base URL
+└── APIError
+    ├── APIConnectionError       the request did not get an HTTP answer
+    │   └── APITimeoutError      (also TimeoutError)
+    ├── APIResponseValidationError  a 200 whose body is not a valid embeddings answer
+    └── APIStatusError           a non-2xx answer: status_code, body, request_id
+        ├── BadRequestError            400
+        ├── AuthenticationError        401
+        ├── PermissionDeniedError      403
+        ├── NotFoundError              404
+        ├── UnprocessableEntityError   422
+        ├── RateLimitError             429
+        └── InternalServerError        >= 500
 """
 
 from __future__ import annotations

@@ -1,0 +1,33 @@
+"""Shared test setup: no retry waits, and an aioresponses shim for aiohttp >= 3.14."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from unittest import mock
+
+import aiohttp
+import aioresponses.core
+import pytest
+
+import togembed.testing
+
+
+class _ShimResponse(aiohttp.ClientResponse):
+    """aiohttp 3.14 made ``stream_writer`` a required argument of ClientResponse and
+    aioresponses 0.7.9 does not pass it (pnuckowski/aioresponses#289, unreleased fix).
+    A mocked response never uploads, so a writer reporting 0 bytes is faithful."""
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("stream_writer", mock.Mock(output_size=0))
+        super().__init__(*args, **kwargs)
+
+
+if "stream_writer" in aiohttp.ClientResponse.__init__.__code__.co_varnames:
+    aioresponses.core.ClientResponse = _ShimResponse  # type: ignore[misc]
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    """Retries happen at once in tests; delays are still computed and asserted where it matters."""
+    with togembed.testing.backoff_disabled():
+        yield
