@@ -4,6 +4,8 @@ Batches any number of inputs, sends them concurrently with retries and backoff, 
 vectors in input order, as Together's response shape or as one float32 numpy array.
 """
 
+import logging
+
 from ._client import AsyncClient, AsyncEmbeddings
 from ._config import (
     DEFAULT_BASE_URL,
@@ -37,6 +39,9 @@ from ._sync import Client, Embeddings
 from ._transport import Response, Transport
 from ._types import Embedding, EmbeddingResponse, Usage
 from ._version import __version__
+
+# A library never configures logging; applications decide where "togembed" records go.
+logging.getLogger("togembed").addHandler(logging.NullHandler())
 
 __all__ = [
     "DEFAULT_BASE_URL",
