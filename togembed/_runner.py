@@ -207,26 +207,32 @@ class _Call:
             ):
                 await self.process(part)
             return
+        sent_format = self.encoding_format
         try:
             decoded = await self.send(batch)
         except APIStatusError as exc:
-            await self._recover(batch, exc)
+            await self._recover(batch, exc, sent_format)
             return
         s.stats.inputs += batch.size
         s.stats.estimated_tokens += batch.tokens
         self.sink.write(batch, decoded)
 
-    async def _recover(self, batch: Batch, exc: APIStatusError) -> None:
+    async def _recover(
+        self, batch: Batch, exc: APIStatusError, sent_format: EncodingFormat | None
+    ) -> None:
         """Split, bisect or fall back where that can turn a rejection into success; else raise
         the error, pinned to the input when it is one input's fault."""
         s = self.s
+        # Judge by what this request sent, not by the current setting: concurrent senders
+        # that asked for it before the first refusal came back must fall back too.
         if (
             exc.status_code == 400
-            and s.encoding_format is not None
+            and sent_format is not None
             and _ENCODING_REJECTED.search(exc.message)
         ):
-            logger.warning("server rejects encoding_format; asking for float JSON from now on")
-            s.encoding_format = None
+            if s.encoding_format is not None:
+                logger.warning("server rejects encoding_format; asking for float JSON from now on")
+                s.encoding_format = None
             await self.process(batch)
             return
         if batch.size > 1 and _rejects_input(exc):
