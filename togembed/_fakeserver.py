@@ -21,6 +21,7 @@ import contextlib
 import email.utils
 import functools
 import itertools
+import math
 import random
 import signal
 import socket
@@ -388,6 +389,44 @@ def _tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
+class _Limits:
+    """Token buckets on requests and tokens per minute, holding ``burst`` seconds of each, with
+    Together's headers (limits per second, ``x-ratelimit-reset`` = seconds until full)."""
+
+    def __init__(self, *, rpm: float | None, tpm: float | None, burst: float) -> None:
+        self.buckets: dict[str, list[float]] = {}  # kind -> [rate/s, capacity, level, time]
+        now = time.monotonic()
+        for kind, per_minute in (("requests", rpm), ("tokens", tpm)):
+            if per_minute:
+                rate = per_minute / 60.0
+                self.buckets[kind] = [rate, rate * burst, rate * burst, now]
+
+    def admit(self, now: float, tokens: int) -> tuple[float | None, dict[str, str]]:
+        """(None, headers) if the request may go (and is charged), else (seconds to wait, ...)."""
+        costs = {"requests": 1.0, "tokens": float(tokens)}
+        wait, short = 0.0, None
+        for kind, b in self.buckets.items():
+            rate, capacity, level, then = b
+            b[2] = level = min(capacity, level + (now - then) * rate)
+            b[3] = now
+            need = min(costs[kind], capacity)
+            if level < need and (need - level) / rate > wait:
+                wait, short = (need - level) / rate, kind
+        if short is None:
+            for kind, b in self.buckets.items():
+                b[2] -= costs[kind]
+        headers = {}
+        for kind, (rate, capacity, level, _) in self.buckets.items():
+            prefix = "x-ratelimit" if kind == "requests" else "x-tokenlimit"
+            headers[f"{prefix}-limit"] = _fmt_num(round(rate, 3))
+            headers[f"{prefix}-remaining"] = str(max(0, math.floor(level)))
+            if kind == "requests":
+                headers["x-ratelimit-reset"] = _fmt_num(round(max(0.0, capacity - level) / rate, 3))
+        if short is not None:
+            headers["_kind"] = short
+        return (wait if short is not None else None), headers
+
+
 class FakeTogetherServer:
     """A Together-compatible ``/v1/embeddings`` server with scripted and random faults.
 
@@ -411,6 +450,11 @@ class FakeTogetherServer:
         usage: bool = True,
         fault_rate_429: float = 0.0,
         fault_rate_5xx: float = 0.0,
+        bare_429_rate: float = 0.0,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        burst: float = 1.0,
+        limit_headers: bool = True,
         seed: int = 0,
         request_id_prefix: str = "req-",
         shutdown_timeout: float = 1.0,
@@ -430,6 +474,9 @@ class FakeTogetherServer:
         self.usage = usage
         self.fault_rate_429 = fault_rate_429
         self.fault_rate_5xx = fault_rate_5xx
+        self.bare_429_rate = bare_429_rate
+        self.limits = _Limits(rpm=rpm, tpm=tpm, burst=burst) if rpm or tpm else None
+        self.limit_headers = limit_headers
         self.request_id_prefix = request_id_prefix
         self.shutdown_timeout = shutdown_timeout
 
@@ -528,15 +575,41 @@ class FakeTogetherServer:
     # -- seams ------------------------------------------------------------------------
 
     def check_rate_limit(self, request: web.Request, parsed: _Parsed) -> web.Response | None:
-        """Hook for a future token-bucket limiter: return a 429 response to refuse the
-        request, or None to let it through.  Called once per valid embeddings request."""
-        return None
+        """Return a 429 response to refuse the request, or None to let it through. Called once
+        per valid embeddings request; override for other limit schemes."""
+        if self.limits is None:
+            return None
+        tokens = sum(_tokens(t) for t in parsed.texts)
+        wait, headers = self.limits.admit(time.monotonic(), tokens)
+        if self.limit_headers:
+            request["limit_headers"] = headers
+        if wait is None:
+            return None
+        retry = {"Retry-After": str(max(1, math.ceil(wait)) if wait >= 1 else 1)}
+        retry["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+        kind = (
+            "dynamic_token_limited"
+            if headers.get("_kind") == "tokens"
+            else ("dynamic_request_limited")
+        )
+        headers.pop("_kind", None)
+        return _error(
+            429,
+            "You have exceeded the rate limit for this model, please slow down",
+            kind,
+            headers={**retry, **(headers if self.limit_headers else {})},
+        )
 
     # -- handlers ---------------------------------------------------------------------
 
     async def _add_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = self._new_request_id()
+        limit_headers = request.get("limit_headers")
+        if limit_headers and response.status != 429:
+            for name, value in limit_headers.items():
+                if not name.startswith("_"):
+                    response.headers.setdefault(name, value)
 
     def _new_request_id(self) -> str:
         return f"{self.request_id_prefix}{next(self._ids):08d}"
@@ -715,9 +788,12 @@ class FakeTogetherServer:
         return _error(429, message, type_, headers=headers)
 
     def _random_fault(self) -> web.Response | None:
-        if self.fault_rate_429 <= 0 and self.fault_rate_5xx <= 0:
+        if self.fault_rate_429 <= 0 and self.fault_rate_5xx <= 0 and self.bare_429_rate <= 0:
             return None
         roll = self._rng.random()
+        if roll < self.bare_429_rate:  # a 429 that says nothing about a rate limit
+            return _error(429, "Too many requests", "rate_limit")
+        roll -= self.bare_429_rate
         if roll < self.fault_rate_429:
             return _error(
                 429,
@@ -912,6 +988,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding", choices=("honour", "float", "reject"), default="honour")
     p.add_argument("--fault-rate-429", type=float, default=0.0)
     p.add_argument("--fault-rate-5xx", type=float, default=0.0)
+    p.add_argument("--bare-429-rate", type=float, default=0.0, help="429s without any header")
+    p.add_argument("--rpm", type=float, default=None, help="token-bucket limit, requests/min")
+    p.add_argument("--tpm", type=float, default=None, help="token-bucket limit, tokens/min")
+    p.add_argument("--burst", type=float, default=1.0, help="seconds of burst in the buckets")
+    p.add_argument("--no-limit-headers", action="store_true", help="send no x-ratelimit-*")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-batch-size", type=int, default=None)
@@ -934,6 +1015,11 @@ async def _serve(args: argparse.Namespace) -> None:
         encoding=args.encoding,
         fault_rate_429=args.fault_rate_429,
         fault_rate_5xx=args.fault_rate_5xx,
+        bare_429_rate=args.bare_429_rate,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        burst=args.burst,
+        limit_headers=not args.no_limit_headers,
         seed=args.seed,
         api_key=args.api_key,
         max_batch_size=args.max_batch_size,

@@ -1,0 +1,485 @@
+"""Client-side pacing: send requests evenly at the account's rate instead of colliding with it.
+
+Two layers, as everywhere in togembed:
+
+- ``Pacer`` is pure arithmetic on an explicit clock (tested with a fake one): two token buckets
+  (requests and tokens per second), an adaptive cap on requests in flight, a pause after a 429,
+  and what it learns from rate-limit headers.
+- ``RateLimiter`` is the asyncio face: ``acquire`` waits (FIFO) until the pacer says go,
+  ``release`` feeds back what the server answered. It implements ``Limiter``, the interface a
+  cross-process or cross-machine limiter can implement later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+__all__ = [
+    "Feedback",
+    "Limiter",
+    "LimitHeaders",
+    "Pacer",
+    "RateLimiter",
+    "RateLimiterStats",
+    "Ticket",
+    "parse_limit_headers",
+]
+
+logger = logging.getLogger("togembed")
+
+# Configured limits: burst of 1 s of traffic (Together measures its limits per second), minus one
+# request of slack so that a request arriving a little early still finds a token, and 1% under
+# the nominal rate so that timer and network jitter never add up to a 429.
+DEFAULT_BURST_SECONDS = 1.0
+_CONFIGURED_HEADROOM = 0.99
+# Learned limits: the server's numbers are dynamic and our clock is not its clock.
+_LEARNED_HEADROOM = 0.95
+# After a 429: rate and in-flight cap are cut by this factor, at most once per round trip.
+_DECREASE = 0.7
+# Recovery: each success adds this share of the ceiling back (~35 successes to recover fully).
+_INCREASE = 0.02
+# A 429 without any rate-limit header is treated as a transient error unless this many of the
+# last _WINDOW answers were 429s too (then the server is limiting us without saying so).
+_BARE_429_WINDOW = 10
+_BARE_429_THRESHOLD = 5
+_MAX_PAUSE = 120.0
+
+
+@attrs.frozen
+class LimitHeaders:
+    """What a response said about the limit, normalised to per-second rates."""
+
+    requests_per_s: float | None = None
+    requests_remaining: float | None = None
+    tokens_per_s: float | None = None
+    tokens_remaining: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.requests_per_s is not None or self.tokens_per_s is not None
+
+
+def _number(headers: Mapping[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _per_second(limit: float | None, remaining: float | None, per_minute: bool) -> float | None:
+    """Together documents ``x-ratelimit-limit``/``x-tokenlimit-limit`` per second; OpenAI-style
+    ``x-ratelimit-limit-requests``/``-tokens`` are per minute. A "per second" limit that is far
+    above what the bucket ever holds (``remaining``) is read as per minute: a server that refills
+    a 1 s burst of 5 requests and says ``limit: 300`` means 300 a minute."""
+    if limit is None or limit <= 0:
+        return None
+    if not per_minute and remaining is not None and limit >= 20 * (remaining + 1):
+        per_minute = True
+    return limit / 60.0 if per_minute else limit
+
+
+def parse_limit_headers(headers: Mapping[str, str]) -> LimitHeaders:
+    """Read Together's (``x-ratelimit-*``, ``x-tokenlimit-*``) and OpenAI-style
+    (``x-ratelimit-*-requests``, ``x-ratelimit-*-tokens``) rate-limit headers."""
+    req_limit = _number(headers, "x-ratelimit-limit")
+    req_left = _number(headers, "x-ratelimit-remaining")
+    req_minute = False
+    if req_limit is None:
+        req_limit = _number(headers, "x-ratelimit-limit-requests")
+        req_left = _number(headers, "x-ratelimit-remaining-requests")
+        req_minute = True
+    tok_limit = _number(headers, "x-tokenlimit-limit")
+    tok_left = _number(headers, "x-tokenlimit-remaining")
+    tok_minute = False
+    if tok_limit is None:
+        tok_limit = _number(headers, "x-ratelimit-limit-tokens")
+        tok_left = _number(headers, "x-ratelimit-remaining-tokens")
+        tok_minute = True
+    return LimitHeaders(
+        requests_per_s=_per_second(req_limit, req_left, req_minute),
+        requests_remaining=req_left,
+        tokens_per_s=_per_second(tok_limit, tok_left, tok_minute),
+        tokens_remaining=tok_left,
+    )
+
+
+_RATE_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset")
+
+
+def has_rate_signal(headers: Mapping[str, str]) -> bool:
+    """Whether a 429 says anything about a rate limit (any limit or retry header)."""
+    return any(h in headers for h in _RATE_HEADERS) or parse_limit_headers(headers).any
+
+
+@attrs.define
+class Bucket:
+    """A token bucket refilled at ``rate`` per second up to ``capacity``. The level may go below
+    zero: a cost bigger than the capacity is let through when the bucket is full and paid back
+    before anything else goes (so an oversize batch is slow, never stuck)."""
+
+    rate: float
+    capacity: float
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait(self, now: float, cost: float) -> float:
+        """Seconds until ``cost`` may be taken (0 = now)."""
+        self.refill(now)
+        need = min(cost, self.capacity)
+        if self.level >= need:
+            return 0.0
+        return (need - self.level) / self.rate
+
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
+
+@attrs.define
+class Ticket:
+    """One admitted request: handed back to ``release`` with what happened."""
+
+    seq: int
+    tokens: int
+    sent_at: float
+
+
+@attrs.frozen
+class Feedback:
+    """What the server answered to a ticket's request (``status`` None: no answer)."""
+
+    status: int | None
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    tokens: int | None = None  # actual tokens, from the response's usage
+    retry_after: float | None = None
+
+
+@attrs.frozen
+class RateLimiterStats:
+    """A snapshot for logs and progress bars: why is my job slow?"""
+
+    rpm: float | None  # current pace in requests/min (None: not limited)
+    tpm: float | None  # current pace in tokens/min (None: not limited)
+    learned: bool  # limits come from the server's headers
+    in_flight: int
+    max_in_flight: int | None  # adaptive cap (None: no cap beyond the client's concurrency)
+    rate_limited: int  # 429s seen
+    slowdowns: int  # times the pace was cut
+    paused_for: float  # seconds until requests may go again after a 429
+
+
+class Pacer:
+    """The limiter's arithmetic, on an explicit clock."""
+
+    def __init__(
+        self,
+        *,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        burst: float = DEFAULT_BURST_SECONDS,
+        adaptive: bool = True,
+        now: float = 0.0,
+    ) -> None:
+        if rpm is not None and not rpm > 0:
+            raise ValueError(f"rpm must be > 0, got {rpm!r}")
+        if tpm is not None and not tpm > 0:
+            raise ValueError(f"tpm must be > 0, got {tpm!r}")
+        if not burst > 0:
+            raise ValueError(f"burst must be > 0 seconds, got {burst!r}")
+        self.burst = burst
+        self.adaptive = adaptive
+        self.configured = rpm is not None or tpm is not None
+        self.learned = False
+        # Ceilings (per second) and the share of them we currently allow ourselves.
+        self.req_ceiling = rpm / 60.0 if rpm else None
+        self.tok_ceiling = tpm / 60.0 if tpm else None
+        self.factor = 1.0
+        self.requests = self._bucket(self.req_ceiling, now, slack=1.0) if rpm else None
+        self.tokens = self._bucket(self.tok_ceiling, now, slack=0.0) if tpm else None
+        # Until the first answer, an unconfigured limiter sends one request at a time: a job
+        # must not open with a burst of 16 into an unknown limit.
+        self.probing = adaptive and not self.configured
+        self.in_flight = 0
+        self.cap: float | None = None
+        self.paused_until = 0.0
+        self.seq = 0
+        self.last_cut_seq = -1
+        self.rate_limited = 0
+        self.slowdowns = 0
+        self.recent_429 = collections.deque[bool](maxlen=_BARE_429_WINDOW)
+        self.sent_times = collections.deque[float](maxlen=64)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def _headroom(self) -> float:
+        return _LEARNED_HEADROOM if self.learned else _CONFIGURED_HEADROOM
+
+    def _bucket(self, ceiling: float | None, now: float, slack: float) -> Bucket | None:
+        if ceiling is None:
+            return None
+        rate = ceiling * self._headroom() * self.factor
+        capacity = max(1.0, ceiling * self.burst - slack) if slack else ceiling * self.burst
+        return Bucket(rate=rate, capacity=capacity, level=capacity, updated=now)
+
+    def max_cost(self) -> int | None:
+        """The most tokens one request should carry: batches are cut to fit the bucket."""
+        return int(self.tokens.capacity) if self.tokens is not None else None
+
+    def wait(self, now: float, tokens: int) -> float:
+        """Seconds until a request of ``tokens`` may go; ``math.inf``: until a release."""
+        if self.probing and self.in_flight >= 1:
+            return math.inf
+        if self.cap is not None and self.in_flight >= int(self.cap):
+            return math.inf
+        wait = max(0.0, self.paused_until - now)
+        if self.requests is not None:
+            wait = max(wait, self.requests.wait(now, 1))
+        if self.tokens is not None:
+            wait = max(wait, self.tokens.wait(now, tokens))
+        return wait
+
+    def take(self, now: float, tokens: int) -> Ticket:
+        if self.requests is not None:
+            self.requests.take(1)
+        if self.tokens is not None:
+            self.tokens.take(tokens)
+        self.in_flight += 1
+        self.seq += 1
+        self.sent_times.append(now)
+        return Ticket(seq=self.seq, tokens=tokens, sent_at=now)
+
+    # -- feedback ----------------------------------------------------------------------------
+
+    def release(self, now: float, ticket: Ticket, fb: Feedback) -> str | None:
+        """Account for an answer; returns a message when the pace changed (for the log)."""
+        self.in_flight -= 1
+        self.probing = False
+        if fb.status is None:  # no answer: nothing learned
+            return None
+        later_in_flight = max(0, self.seq - ticket.seq) if self.in_flight else 0
+        later_in_flight = min(later_in_flight, self.in_flight)
+        if self.tokens is not None and fb.tokens is not None and fb.status < 300:
+            self.tokens.take(fb.tokens - ticket.tokens)  # charge what the server counted
+        message = self._learn(now, fb, later_in_flight)
+        is_429 = fb.status == 429
+        self.recent_429.append(is_429)
+        if is_429:
+            self.rate_limited += 1
+            if self._is_rate_signal(fb):
+                message = self._slow_down(now, ticket, fb) or message
+        elif fb.status < 300:
+            self._speed_up()
+        return message
+
+    def _learn(self, now: float, fb: Feedback, later_in_flight: int) -> str | None:
+        if not self.adaptive:
+            return None
+        info = parse_limit_headers(fb.headers)
+        if not info.any:
+            return None
+        message = None
+        if not self.configured:
+            changed = (info.requests_per_s, info.tokens_per_s) != (
+                self.req_ceiling,
+                self.tok_ceiling,
+            )
+            if changed and info.requests_per_s is not None:
+                self.req_ceiling = info.requests_per_s
+            if changed and info.tokens_per_s is not None:
+                self.tok_ceiling = info.tokens_per_s
+            if not self.learned or changed:
+                self.learned = True
+                self._rebuild(now)
+                message = f"server limit: {self._describe()}"
+        # The server's "remaining" is the truth about the bucket (other processes share it),
+        # less what we sent after this request that it may not have counted yet.
+        if self.requests is not None and info.requests_remaining is not None:
+            self.requests.refill(now)
+            self.requests.level = min(
+                self.requests.level, info.requests_remaining - later_in_flight
+            )
+        if self.tokens is not None and info.tokens_remaining is not None:
+            self.tokens.refill(now)
+            self.tokens.level = min(self.tokens.level, info.tokens_remaining)
+        return message
+
+    def _rebuild(self, now: float) -> None:
+        """New buckets for new ceilings, keeping how full the old ones were."""
+        old_req, old_tok = self.requests, self.tokens
+        self.requests = self._bucket(self.req_ceiling, now, slack=1.0 if self.configured else 0)
+        self.tokens = self._bucket(self.tok_ceiling, now, slack=0.0)
+        for old, new in ((old_req, self.requests), (old_tok, self.tokens)):
+            if old is not None and new is not None:
+                old.refill(now)
+                new.level = min(new.capacity, old.level)
+
+    def _is_rate_signal(self, fb: Feedback) -> bool:
+        if has_rate_signal(fb.headers) or fb.retry_after is not None:
+            return True
+        return sum(self.recent_429) >= _BARE_429_THRESHOLD
+
+    def _slow_down(self, now: float, ticket: Ticket, fb: Feedback) -> str | None:
+        retry_after = fb.retry_after
+        if retry_after is not None and retry_after > 0:
+            self.paused_until = max(self.paused_until, now + min(retry_after, _MAX_PAUSE))
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.refill(now)
+                bucket.level = min(bucket.level, 0.0)
+        if not self.adaptive or ticket.seq <= self.last_cut_seq:
+            return None  # sent before the last cut: its 429 is old news
+        self.last_cut_seq = self.seq
+        self.slowdowns += 1
+        if self.req_ceiling is None and self.tok_ceiling is None:
+            # No limit known: take the pace we were going at when the server objected.
+            self.req_ceiling = self._recent_rate(now)
+            self.learned = True
+        self.factor = max(0.05, self.factor * _DECREASE)
+        self.cap = max(1.0, (self.cap or float(self.in_flight + 1)) * _DECREASE)
+        self._rebuild(now)
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.level = min(bucket.level, 0.0)
+        return f"429: slowing down to {self._describe()}, at most {int(self.cap)} in flight"
+
+    def _speed_up(self) -> None:
+        if self.cap is not None:
+            self.cap += 1.0 / self.cap  # one more in flight per round of successes
+            if self.cap >= 256:
+                self.cap = None
+        if self.factor < 1.0:
+            self.factor = min(1.0, self.factor + _INCREASE)
+            headroom = self._headroom() * self.factor
+            if self.requests is not None and self.req_ceiling is not None:
+                self.requests.rate = self.req_ceiling * headroom
+            if self.tokens is not None and self.tok_ceiling is not None:
+                self.tokens.rate = self.tok_ceiling * headroom
+
+    def _recent_rate(self, now: float) -> float:
+        times = [t for t in self.sent_times if t >= now - 5.0]
+        if len(times) >= 2 and times[-1] > times[0]:
+            return (len(times) - 1) / (times[-1] - times[0])
+        return max(1.0, float(len(times)))
+
+    def _describe(self) -> str:
+        parts = []
+        if self.requests is not None:
+            parts.append(f"{self.requests.rate * 60:.0f} requests/min")
+        if self.tokens is not None:
+            parts.append(f"{self.tokens.rate * 60:.0f} tokens/min")
+        return ", ".join(parts) or "no limit"
+
+    def snapshot(self, now: float) -> RateLimiterStats:
+        return RateLimiterStats(
+            rpm=self.requests.rate * 60 if self.requests is not None else None,
+            tpm=self.tokens.rate * 60 if self.tokens is not None else None,
+            learned=self.learned,
+            in_flight=self.in_flight,
+            max_in_flight=1 if self.probing else (int(self.cap) if self.cap else None),
+            rate_limited=self.rate_limited,
+            slowdowns=self.slowdowns,
+            paused_for=max(0.0, self.paused_until - now),
+        )
+
+
+@runtime_checkable
+class Limiter(Protocol):
+    """What the client asks before each request and tells after it. Implement this to share a
+    limit across processes or machines (e.g. backed by Redis)."""
+
+    async def acquire(self, tokens: int) -> Ticket:
+        """Wait until a request carrying ``tokens`` estimated tokens may be sent."""
+        ...
+
+    def release(self, ticket: Ticket, feedback: Feedback) -> None:
+        """Report the answer (or its absence) to the request admitted by ``ticket``."""
+        ...
+
+    def max_batch_tokens(self) -> int | None:
+        """The largest token cost one request should have, if the limiter needs one."""
+        ...
+
+
+class RateLimiter:
+    """Paces requests (and tokens) per minute, evenly, for any number of clients and tasks of
+    one process. With no ``rpm``/``tpm`` it learns the limit from the server's headers and
+    slows down on 429s (AIMD); with them it holds that pace from the first request.
+
+    ``burst``: seconds of traffic that may go at once (default 1 s, less one request of slack).
+    ``adaptive=False``: never learn or slow down; pace exactly as configured.
+    """
+
+    def __init__(
+        self,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        *,
+        burst: float = DEFAULT_BURST_SECONDS,
+        adaptive: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._pacer = Pacer(rpm=rpm, tpm=tpm, burst=burst, adaptive=adaptive, now=clock())
+        self._lock = asyncio.Lock()
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return f"<togembed.RateLimiter rpm={s.rpm} tpm={s.tpm} learned={s.learned}>"
+
+    @property
+    def stats(self) -> RateLimiterStats:
+        return self._pacer.snapshot(self._clock())
+
+    def max_batch_tokens(self) -> int | None:
+        return self._pacer.max_cost()
+
+    async def acquire(self, tokens: int) -> Ticket:
+        # The lock makes waiters queue in arrival order; the head sleeps for the rest.
+        async with self._lock:
+            while True:
+                wait = self._pacer.wait(self._clock(), tokens)
+                if wait <= 0:
+                    return self._pacer.take(self._clock(), tokens)
+                await self._sleep(wait)
+
+    def release(self, ticket: Ticket, feedback: Feedback) -> None:
+        message = self._pacer.release(self._clock(), ticket, feedback)
+        if message:
+            logger.info("rate limit: %s", message)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds`` or until a release changes the picture, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        self._wakeup = wakeup = loop.create_future()
+        handle = None if math.isinf(seconds) else loop.call_later(seconds, _wake, wakeup)
+        try:
+            await wakeup
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._wakeup = None
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
