@@ -749,7 +749,8 @@ async def test_wait_for_timeout_cancels_requests_and_leaves_nothing_running(
 ) -> None:
     server = await make_server(latency=60.0)
     before = asyncio.all_tasks()
-    client = client_for(server, batch_size=10, concurrency=4)
+    # a configured rate: the client does not probe with one request first
+    client = client_for(server, batch_size=10, concurrency=4, rpm=1e6)
     with pytest.raises(TimeoutError) as info:
         # long enough for all 4 senders to reach the server, far shorter than its latency
         await asyncio.wait_for(client.embed(texts(100)), 0.3)

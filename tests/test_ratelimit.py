@@ -137,7 +137,7 @@ def test_bare_429s_are_transient_unless_they_dominate() -> None:
 def test_recovers_gradually_after_a_cut() -> None:
     pacer = Pacer(rpm=600)
     ticket = pacer.take(0.0, 1)
-    pacer.release(0.0, ticket, Feedback(status=429, headers={"retry-after": "0"}, retry_after=0))
+    pacer.release(0.0, ticket, Feedback(status=429, headers={"retry-after": "1"}, retry_after=1))
     assert pacer.factor < 1
     for _ in range(10):
         pacer.release(0.0, pacer.take(0.0, 1), OK)
@@ -155,7 +155,7 @@ def test_503_does_not_slow_down() -> None:
 
 def test_not_adaptive_never_changes_pace() -> None:
     pacer = Pacer(rpm=600, adaptive=False)
-    pacer.release(0.0, pacer.take(0.0, 1), Feedback(status=429, headers={"retry-after": "0"}))
+    pacer.release(0.0, pacer.take(0.0, 1), Feedback(status=429, headers={"retry-after": "1"}))
     assert pacer.factor == 1.0
 
 
@@ -192,3 +192,9 @@ async def test_rate_limiter_wakes_waiter_on_release_when_probing() -> None:
     ticket = await asyncio.wait_for(second, 1)
     limiter.release(ticket, OK)
     assert limiter.stats.in_flight == 0
+
+
+def test_retry_after_zero_is_not_a_slow_down_signal() -> None:
+    pacer = Pacer()
+    pacer.release(0.0, pacer.take(0.0, 1), Feedback(status=429, headers={"retry-after": "0"}))
+    assert pacer.slowdowns == 0 and pacer.rate_limited == 1

@@ -34,6 +34,7 @@ from ._exceptions import (
     TogembedError,
     UnprocessableEntityError,
 )
+from ._ratelimit import Feedback, Limiter, RateLimiter, RateLimiterStats, Ticket
 from ._runner import ClientStats
 from ._sync import Client, Embeddings
 from ._transport import Response, Transport
@@ -65,14 +66,19 @@ __all__ = [
     "Embedding",
     "EmbeddingResponse",
     "Embeddings",
+    "Feedback",
     "InternalServerError",
     "InvalidInputError",
+    "Limiter",
     "MissingAPIKeyError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RateLimiter",
+    "RateLimiterStats",
     "Response",
     "RetryPolicy",
+    "Ticket",
     "TogembedError",
     "Transport",
     "UnprocessableEntityError",

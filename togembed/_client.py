@@ -24,6 +24,7 @@ from ._config import (
     resolve_base_url,
 )
 from ._exceptions import MissingAPIKeyError
+from ._ratelimit import Limiter, RateLimiter
 from ._runner import ArraySink, CallSettings, ClientStats, ListSink, Sink, run_call
 from ._transport import AiohttpTransport, Transport
 from ._types import EmbeddingResponse
@@ -89,6 +90,9 @@ class AsyncClient:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         concurrency: int = DEFAULT_CONCURRENCY,
         encoding_format: EncodingFormat = DEFAULT_ENCODING_FORMAT,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        limiter: Limiter | None = None,
         session: aiohttp.ClientSession | None = None,
         transport: Transport | None = None,
         default_headers: dict[str, str] | None = None,
@@ -101,6 +105,10 @@ class AsyncClient:
             )
         if retry is None:
             retry = RetryPolicy(max_retries=max_retries)
+        if limiter is not None and (rpm is not None or tpm is not None):
+            raise ValueError("pass rpm/tpm or limiter=, not both (set them on the limiter)")
+        # Each client paces itself unless given a limiter to share with other clients.
+        self.limiter: Limiter = limiter if limiter is not None else RateLimiter(rpm=rpm, tpm=tpm)
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_base_url(base_url)
         self.model = model
@@ -134,6 +142,7 @@ class AsyncClient:
             concurrency=self.concurrency,
             encoding_format=encoding_format,
             stats=self.stats,
+            limiter=self.limiter,
         )
 
     def __repr__(self) -> str:

@@ -22,6 +22,8 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from ._retry import backoff_enabled
+
 __all__ = [
     "Feedback",
     "Limiter",
@@ -55,16 +57,28 @@ _MAX_PAUSE = 120.0
 
 @attrs.frozen
 class LimitHeaders:
-    """What a response said about the limit, normalised to per-second rates."""
+    """What a response said about the limit. ``*_per_minute``: the header names say the limit
+    is per minute (OpenAI style); otherwise Together's documented per-second unit applies,
+    unless ``per_second`` finds that implausible."""
 
-    requests_per_s: float | None = None
+    requests_limit: float | None = None
     requests_remaining: float | None = None
-    tokens_per_s: float | None = None
+    requests_per_minute: bool = False
+    tokens_limit: float | None = None
     tokens_remaining: float | None = None
+    tokens_per_minute: bool = False
 
     @property
     def any(self) -> bool:
-        return self.requests_per_s is not None or self.tokens_per_s is not None
+        return self.requests_limit is not None or self.tokens_limit is not None
+
+    @property
+    def requests_per_s(self) -> float | None:
+        return per_second(self.requests_limit, self.requests_remaining, self.requests_per_minute)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return per_second(self.tokens_limit, self.tokens_remaining, self.tokens_per_minute)
 
 
 def _number(headers: Mapping[str, str], name: str) -> float | None:
@@ -78,14 +92,14 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
-def _per_second(limit: float | None, remaining: float | None, per_minute: bool) -> float | None:
+def per_second(limit: float | None, remaining: float | None, per_minute: bool) -> float | None:
     """Together documents ``x-ratelimit-limit``/``x-tokenlimit-limit`` per second; OpenAI-style
-    ``x-ratelimit-limit-requests``/``-tokens`` are per minute. A "per second" limit that is far
-    above what the bucket ever holds (``remaining``) is read as per minute: a server that refills
-    a 1 s burst of 5 requests and says ``limit: 300`` means 300 a minute."""
+    ``x-ratelimit-limit-requests``/``-tokens`` are per minute. A "per second" limit far above
+    what a fresh bucket holds (``remaining``) is read as per minute: a server that refills a 1 s
+    burst of 5 requests and says ``limit: 300`` means 300 a minute."""
     if limit is None or limit <= 0:
         return None
-    if not per_minute and remaining is not None and limit >= 20 * (remaining + 1):
+    if not per_minute and remaining and limit >= 20 * (remaining + 1):
         per_minute = True
     return limit / 60.0 if per_minute else limit
 
@@ -108,19 +122,28 @@ def parse_limit_headers(headers: Mapping[str, str]) -> LimitHeaders:
         tok_left = _number(headers, "x-ratelimit-remaining-tokens")
         tok_minute = True
     return LimitHeaders(
-        requests_per_s=_per_second(req_limit, req_left, req_minute),
+        requests_limit=req_limit,
         requests_remaining=req_left,
-        tokens_per_s=_per_second(tok_limit, tok_left, tok_minute),
+        requests_per_minute=req_minute,
+        tokens_limit=tok_limit,
         tokens_remaining=tok_left,
+        tokens_per_minute=tok_minute,
     )
 
 
-_RATE_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset")
+_WAIT_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset")
 
 
 def has_rate_signal(headers: Mapping[str, str]) -> bool:
-    """Whether a 429 says anything about a rate limit (any limit or retry header)."""
-    return any(h in headers for h in _RATE_HEADERS) or parse_limit_headers(headers).any
+    """Whether a 429 says anything about a rate limit: limit headers, or a wait above zero
+    ("Retry-After: 0" means "try again now", not "slow down")."""
+    if parse_limit_headers(headers).any:
+        return True
+    for name in _WAIT_HEADERS:
+        raw = headers.get(name)
+        if raw is not None and raw.strip() not in ("0", "0.0", ""):
+            return True
+    return False
 
 
 @attrs.define
@@ -224,6 +247,7 @@ class Pacer:
         self.slowdowns = 0
         self.recent_429 = collections.deque[bool](maxlen=_BARE_429_WINDOW)
         self.sent_times = collections.deque[float](maxlen=64)
+        self.first_remaining: list[float | None] = [None, None]  # requests, tokens
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -294,15 +318,24 @@ class Pacer:
         if not info.any:
             return None
         message = None
+        # The unit is judged once, by the first answer whose bucket is not empty (an empty one
+        # says nothing about its size), and then kept: a bucket drained by our own traffic
+        # must not turn "per second" into "per minute" halfway through a job.
+        for i, left in enumerate((info.requests_remaining, info.tokens_remaining)):
+            if self.first_remaining[i] is None and left:
+                self.first_remaining[i] = left
         if not self.configured:
-            changed = (info.requests_per_s, info.tokens_per_s) != (
-                self.req_ceiling,
-                self.tok_ceiling,
+            req_rate = per_second(
+                info.requests_limit, self.first_remaining[0], info.requests_per_minute
             )
-            if changed and info.requests_per_s is not None:
-                self.req_ceiling = info.requests_per_s
-            if changed and info.tokens_per_s is not None:
-                self.tok_ceiling = info.tokens_per_s
+            tok_rate = per_second(
+                info.tokens_limit, self.first_remaining[1], info.tokens_per_minute
+            )
+            changed = (req_rate, tok_rate) != (self.req_ceiling, self.tok_ceiling)
+            if changed and req_rate is not None:
+                self.req_ceiling = req_rate
+            if changed and tok_rate is not None:
+                self.tok_ceiling = tok_rate
             if not self.learned or changed:
                 self.learned = True
                 self._rebuild(now)
@@ -330,7 +363,7 @@ class Pacer:
                 new.level = min(new.capacity, old.level)
 
     def _is_rate_signal(self, fb: Feedback) -> bool:
-        if has_rate_signal(fb.headers) or fb.retry_after is not None:
+        if has_rate_signal(fb.headers) or (fb.retry_after or 0) > 0:
             return True
         return sum(self.recent_429) >= _BARE_429_THRESHOLD
 
@@ -347,9 +380,10 @@ class Pacer:
         self.last_cut_seq = self.seq
         self.slowdowns += 1
         if self.req_ceiling is None and self.tok_ceiling is None:
-            # No limit known: take the pace we were going at when the server objected.
+            # No limit known: take the pace we were going at when the server objected, if we
+            # have seen enough of it; otherwise the pause and the in-flight cap must do.
             self.req_ceiling = self._recent_rate(now)
-            self.learned = True
+            self.learned = self.req_ceiling is not None
         self.factor = max(0.05, self.factor * _DECREASE)
         self.cap = max(1.0, (self.cap or float(self.in_flight + 1)) * _DECREASE)
         self._rebuild(now)
@@ -371,11 +405,12 @@ class Pacer:
             if self.tokens is not None and self.tok_ceiling is not None:
                 self.tokens.rate = self.tok_ceiling * headroom
 
-    def _recent_rate(self, now: float) -> float:
+    def _recent_rate(self, now: float) -> float | None:
+        """Requests/s sent over the last 5 s, if there were enough to tell."""
         times = [t for t in self.sent_times if t >= now - 5.0]
-        if len(times) >= 2 and times[-1] > times[0]:
+        if len(times) >= 8 and times[-1] - times[0] >= 0.2:
             return (len(times) - 1) / (times[-1] - times[0])
-        return max(1.0, float(len(times)))
+        return None
 
     def _describe(self) -> str:
         parts = []
@@ -460,6 +495,8 @@ class RateLimiter:
                 await self._sleep(wait)
 
     def release(self, ticket: Ticket, feedback: Feedback) -> None:
+        if feedback.retry_after and not backoff_enabled():  # tests: no waiting on 429s
+            feedback = attrs.evolve(feedback, retry_after=None)
         message = self._pacer.release(self._clock(), ticket, feedback)
         if message:
             logger.info("rate limit: %s", message)

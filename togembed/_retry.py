@@ -48,6 +48,11 @@ def set_backoff_enabled(enabled: bool) -> None:
     _backoff_enabled = enabled
 
 
+def backoff_enabled() -> bool:
+    """False inside ``backoff_disabled()``: waits the server asks for are skipped too."""
+    return _backoff_enabled
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Transient failures only: no answer, a garbled 200, 408/409/429 and 5xx.
 
@@ -88,13 +93,7 @@ def _log_retry(describe: str) -> Callable[[tenacity.RetryCallState], None]:
     def log(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        level = (
-            logging.INFO
-            if isinstance(exc, APIStatusError) and exc.status_code == 429
-            else (logging.WARNING)
-        )
-        logger.log(
-            level,
+        logger.info(
             "retrying %s in %.2f s after attempt %d: %s",
             describe,
             wait,
