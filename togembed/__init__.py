@@ -36,6 +36,7 @@ from ._exceptions import (
 )
 from ._ratelimit import Feedback, Limiter, RateLimiter, RateLimiterStats, Ticket
 from ._runner import ClientStats
+from ._stream import EmbeddingChunk
 from ._sync import Client, Embeddings
 from ._transport import Response, Transport
 from ._types import Embedding, EmbeddingResponse, Usage
@@ -64,6 +65,7 @@ __all__ = [
     "Client",
     "ClientStats",
     "Embedding",
+    "EmbeddingChunk",
     "EmbeddingResponse",
     "Embeddings",
     "Feedback",

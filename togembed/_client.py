@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from types import TracebackType
+from typing import Literal
 
 import aiohttp
 import numpy as np
@@ -26,6 +27,7 @@ from ._config import (
 from ._exceptions import MissingAPIKeyError
 from ._ratelimit import Limiter, RateLimiter
 from ._runner import ArraySink, CallSettings, ClientStats, ListSink, Sink, run_call
+from ._stream import EmbeddingChunk, EmbeddingStream
 from ._transport import AiohttpTransport, Transport
 from ._types import EmbeddingResponse
 from ._version import __version__
@@ -166,6 +168,43 @@ class AsyncClient:
         await self._run(items, model, sink, None)
         return sink.result()
 
+    async def embed_stream(
+        self,
+        texts: Iterable[str] | AsyncIterable[str],
+        *,
+        model: str | None = None,
+        window: int | None = None,
+        errors: Literal["raise", "collect"] = "raise",
+    ) -> AsyncGenerator[EmbeddingChunk, None]:
+        """Embed a stream of texts with bounded memory: ``EmbeddingChunk``s in input order, each
+        as soon as it and everything before it are done.
+
+        ``texts`` (a list, a generator over a file, an async iterable) is pulled lazily; at most
+        ``window`` texts (default 4 x concurrency x batch_size) are pulled and not yet yielded,
+        so a consumer that stops consuming stops the input and the sending. With
+        ``errors="collect"``, inputs the server rejects become NaN rows and ``chunk.errors``
+        instead of an exception. Close the generator (``contextlib.aclosing``) to cancel what
+        is in flight. See docs/streaming.md.
+        """
+        model = self._model_for(model)
+        if errors not in ("raise", "collect"):
+            raise ValueError(f"errors must be 'raise' or 'collect', not {errors!r}")
+        if window is None:
+            window = 4 * self.concurrency * self.batch_size
+        stream = EmbeddingStream(
+            self._settings,
+            texts,
+            model,
+            window=_positive("window", window),
+            collect=errors == "collect",
+            before_send=self._check_api_key,  # at the first request: an empty stream needs none
+        )
+        try:
+            while (chunk := await stream.next()) is not None:
+                yield chunk
+        finally:
+            await stream.aclose()
+
     async def close(self) -> None:
         """Close the HTTP session if this client created it. Safe to call twice."""
         await self._transport.aclose()
@@ -194,15 +233,18 @@ class AsyncClient:
             raise ValueError(f"encoding_format must be 'base64' or 'float', not {fmt!r}")
         return fmt  # type: ignore[return-value]
 
+    def _check_api_key(self) -> None:
+        if not self._api_key and not is_loopback_url(self.base_url):
+            raise MissingAPIKeyError(
+                "no API key: pass AsyncClient(api_key=...) or set TOGETHER_API_KEY"
+            )
+
     async def _run(
         self, texts: Sequence[str], model: str, sink: Sink, fmt: EncodingFormat | None
     ) -> None:
         if not texts:
             return
-        if not self._api_key and not is_loopback_url(self.base_url):
-            raise MissingAPIKeyError(
-                "no API key: pass AsyncClient(api_key=...) or set TOGETHER_API_KEY"
-            )
+        self._check_api_key()
         await _check_inputs(texts)
         await run_call(self._settings, texts, model, sink, prefer_float=fmt == "float")
 

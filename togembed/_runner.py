@@ -188,6 +188,10 @@ def _too_many_inputs(exc: APIStatusError) -> bool:
     return exc.status_code == 413 or bool(_TOO_MANY.search(exc.message))
 
 
+class _Resize(Exception):
+    """A batch admitted by the limiter no longer fits its budget: cut it and start again."""
+
+
 class _Call:
     """The batches of one call, sent under the client's settings."""
 
@@ -198,12 +202,16 @@ class _Call:
         model: str,
         sink: Sink,
         prefer_float: bool,
+        on_input_error: Callable[[int, APIStatusError], None] | None = None,
     ) -> None:
         self.s = settings
         self.texts = texts
         self.model = model
         self.sink = sink
         self.prefer_float = prefer_float
+        # Given, an input the server rejects for good is reported here instead of raised, and
+        # the rest of its batch goes on (a stream collecting errors); ``embed`` raises.
+        self.on_input_error = on_input_error
         self.dim: int | None = None
 
     @property
@@ -221,6 +229,9 @@ class _Call:
 
         async def attempt() -> DecodedBatch:
             ticket = await s.limiter.acquire(batch.tokens)
+            if self._too_big(batch):  # the limiter learned a smaller budget while we waited
+                s.limiter.release(ticket, Feedback(status=None, sent=False))
+                raise _Resize
             feedback = Feedback(status=None)
             s.stats.requests += 1
             s.stats.in_flight += 1
@@ -256,16 +267,21 @@ class _Call:
             attempt, s.retry, describe=f"inputs [{batch.start}:{batch.stop}]", on_retry=on_retry
         )
 
+    def _too_big(self, batch: Batch) -> bool:
+        """The server taught us a smaller batch size, or the limiter's token budget is smaller
+        than the batch: cut it to fit rather than wait for a bucket it can never fit in."""
+        if batch.size > self.s.max_items:
+            return True
+        cap = self.s.limiter.max_batch_tokens()
+        return cap is not None and batch.size > 1 and batch.tokens > cap
+
     async def process(self, batch: Batch) -> None:
         s = self.s
-        # The server taught us a smaller batch size, or the limiter's token budget is smaller
-        # than the batch: cut it to fit rather than wait for a bucket it can never fit in.
-        token_cap = s.limiter.max_batch_tokens() or _NO_TOKEN_LIMIT
-        if batch.size > s.max_items or (batch.size > 1 and batch.tokens > token_cap):
+        if self._too_big(batch):
             for part in plan_batches(
                 self.texts,
                 max_items=s.max_items,
-                max_tokens=token_cap,
+                max_tokens=s.limiter.max_batch_tokens() or _NO_TOKEN_LIMIT,
                 start=batch.start,
                 stop=batch.stop,
             ):
@@ -274,6 +290,9 @@ class _Call:
         sent_format = self.encoding_format
         try:
             decoded = await self.send(batch)
+        except _Resize:
+            await self.process(batch)
+            return
         except APIStatusError as exc:
             await self._recover(batch, exc, sent_format)
             return
@@ -286,7 +305,8 @@ class _Call:
         self, batch: Batch, exc: APIStatusError, sent_format: EncodingFormat | None
     ) -> None:
         """Split, bisect or fall back where that can turn a rejection into success; else raise
-        the error, pinned to the input when it is one input's fault."""
+        the error, pinned to the input when it is one input's fault (or report that input to
+        ``on_input_error``)."""
         s = self.s
         # Judge by what this request sent, not by the current setting: concurrent senders
         # that asked for it before the first refusal came back must fall back too.
@@ -312,6 +332,9 @@ class _Call:
             return
         if batch.size == 1 and _rejects_input(exc):
             exc.input_index = batch.start
+            if self.on_input_error is not None:
+                self.on_input_error(batch.start, exc)
+                return
         raise exc
 
 

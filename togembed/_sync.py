@@ -4,15 +4,17 @@ so it works even where an event loop is already running (Jupyter)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from ._client import AsyncClient
 from ._config import EncodingFormat
+from ._stream import EmbeddingChunk
 from ._types import EmbeddingResponse
 
 __all__ = ["Client", "Embeddings"]
@@ -85,6 +87,30 @@ class Client:
         """Same as ``AsyncClient.embed``, blocking."""
         return self._portal.run(self._async.embed(texts, model=model))
 
+    def embed_stream(
+        self,
+        texts: Iterable[str],
+        *,
+        model: str | None = None,
+        window: int | None = None,
+        errors: Literal["raise", "collect"] = "raise",
+    ) -> Iterator[EmbeddingChunk]:
+        """Same as ``AsyncClient.embed_stream``, as a blocking iterator. ``texts`` is pulled on
+        the client's loop thread; closing the iterator (or dropping it) cancels what is in
+        flight."""
+        chunks = self._async.embed_stream(texts, model=model, window=window, errors=errors)
+        try:
+            while (chunk := self._portal.run(_next(chunks))) is not None:
+                yield chunk
+        finally:
+            portal = self._portal
+            if not portal.loop.is_closed():
+                done = asyncio.run_coroutine_threadsafe(_close(chunks), portal.loop)
+                # Wait for the cancellations, unless the garbage collector closes us on the
+                # loop thread itself (waiting there would block it for good).
+                if threading.current_thread() is not portal._thread:
+                    done.result()
+
     def close(self) -> None:
         """Close the HTTP session and stop the loop thread. Safe to call twice."""
         if self._portal.loop.is_closed():
@@ -104,3 +130,13 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+async def _next(chunks: AsyncGenerator[EmbeddingChunk, None]) -> EmbeddingChunk | None:
+    return await anext(chunks, None)
+
+
+async def _close(chunks: AsyncGenerator[EmbeddingChunk, None]) -> None:
+    # "already running": a step cancelled by Ctrl-C is still unwinding, and closes it itself
+    with contextlib.suppress(RuntimeError):
+        await chunks.aclose()
