@@ -50,6 +50,12 @@ __all__ = [
     "main",
 ]
 
+# aiohttp >= 3.12 warns about plain string keys on requests.
+_LIMIT_HEADERS: Any = (
+    web.RequestKey("limit_headers", dict) if hasattr(web, "RequestKey") else "limit_headers"
+)
+"""Rate-limit headers computed for a request, added to whatever answer it gets."""
+
 POOL_ROWS = 1024
 """Number of distinct base vectors per dimension; texts map onto them by CRC32."""
 
@@ -582,7 +588,7 @@ class FakeTogetherServer:
         tokens = sum(_tokens(t) for t in parsed.texts)
         wait, headers = self.limits.admit(time.monotonic(), tokens)
         if self.limit_headers:
-            request["limit_headers"] = headers
+            request[_LIMIT_HEADERS] = headers
         if wait is None:
             return None
         retry = {"Retry-After": str(max(1, math.ceil(wait)) if wait >= 1 else 1)}
@@ -605,7 +611,7 @@ class FakeTogetherServer:
     async def _add_request_id(self, request: web.Request, response: web.StreamResponse) -> None:
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = self._new_request_id()
-        limit_headers = request.get("limit_headers")
+        limit_headers = request.get(_LIMIT_HEADERS)
         if limit_headers and response.status != 429:
             for name, value in limit_headers.items():
                 if not name.startswith("_"):

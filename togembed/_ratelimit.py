@@ -94,12 +94,12 @@ def _number(headers: Mapping[str, str], name: str) -> float | None:
 
 def per_second(limit: float | None, remaining: float | None, per_minute: bool) -> float | None:
     """Together documents ``x-ratelimit-limit``/``x-tokenlimit-limit`` per second; OpenAI-style
-    ``x-ratelimit-limit-requests``/``-tokens`` are per minute. A "per second" limit far above
-    what a fresh bucket holds (``remaining``) is read as per minute: a server that refills a 1 s
-    burst of 5 requests and says ``limit: 300`` means 300 a minute."""
+    ``x-ratelimit-limit-requests``/``-tokens`` are per minute. A "per second" limit at least 20
+    times the most its bucket was seen to hold (``remaining``) is read as per minute: a server
+    that refills a 1 s burst of 5 requests and says ``limit: 300`` means 300 a minute."""
     if limit is None or limit <= 0:
         return None
-    if not per_minute and remaining and limit >= 20 * (remaining + 1):
+    if not per_minute and remaining and limit >= 20 * remaining:
         per_minute = True
     return limit / 60.0 if per_minute else limit
 
@@ -191,6 +191,7 @@ class Feedback:
     headers: Mapping[str, str] = attrs.field(factory=dict)
     tokens: int | None = None  # actual tokens, from the response's usage
     retry_after: float | None = None
+    sent: bool = True  # False: the request was never sent (its costs are refunded)
 
 
 @attrs.frozen
@@ -247,7 +248,7 @@ class Pacer:
         self.slowdowns = 0
         self.recent_429 = collections.deque[bool](maxlen=_BARE_429_WINDOW)
         self.sent_times = collections.deque[float](maxlen=64)
-        self.first_remaining: list[float | None] = [None, None]  # requests, tokens
+        self.most_held = [0.0, 0.0]  # requests, tokens: the fullest the server's bucket was seen
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -293,6 +294,10 @@ class Pacer:
     def release(self, now: float, ticket: Ticket, fb: Feedback) -> str | None:
         """Account for an answer; returns a message when the pace changed (for the log)."""
         self.in_flight -= 1
+        if not fb.sent or fb.status == 429:  # never sent, or refused uncounted: refund
+            self._refund(ticket)
+        if not fb.sent:
+            return None
         self.probing = False
         if fb.status is None:  # no answer: nothing learned
             return None
@@ -300,7 +305,7 @@ class Pacer:
         later_in_flight = min(later_in_flight, self.in_flight)
         if self.tokens is not None and fb.tokens is not None and fb.status < 300:
             self.tokens.take(fb.tokens - ticket.tokens)  # charge what the server counted
-        message = self._learn(now, fb, later_in_flight)
+        message = self._learn(now, fb, later_in_flight, ticket)
         is_429 = fb.status == 429
         self.recent_429.append(is_429)
         if is_429:
@@ -311,26 +316,32 @@ class Pacer:
             self._speed_up()
         return message
 
-    def _learn(self, now: float, fb: Feedback, later_in_flight: int) -> str | None:
+    def _refund(self, ticket: Ticket) -> None:
+        if self.requests is not None:
+            self.requests.take(-1)
+        if self.tokens is not None:
+            self.tokens.take(-ticket.tokens)
+
+    def _learn(self, now: float, fb: Feedback, later_in_flight: int, ticket: Ticket) -> str | None:
         if not self.adaptive:
             return None
         info = parse_limit_headers(fb.headers)
         if not info.any:
             return None
         message = None
-        # The unit is judged once, by the first answer whose bucket is not empty (an empty one
-        # says nothing about its size), and then kept: a bucket drained by our own traffic
-        # must not turn "per second" into "per minute" halfway through a job.
-        for i, left in enumerate((info.requests_remaining, info.tokens_remaining)):
-            if self.first_remaining[i] is None and left:
-                self.first_remaining[i] = left
+        # The unit is judged by the most the bucket was seen to hold: what remained after
+        # this request plus what this request cost. That can only grow, so the guess can only
+        # move from "per minute" to "per second", never the other way as our own traffic
+        # drains the bucket.
+        tokens = fb.tokens if fb.tokens is not None else ticket.tokens
+        for i, (left, cost) in enumerate(
+            ((info.requests_remaining, 1), (info.tokens_remaining, tokens))
+        ):
+            if left is not None:
+                self.most_held[i] = max(self.most_held[i], left + cost)
         if not self.configured:
-            req_rate = per_second(
-                info.requests_limit, self.first_remaining[0], info.requests_per_minute
-            )
-            tok_rate = per_second(
-                info.tokens_limit, self.first_remaining[1], info.tokens_per_minute
-            )
+            req_rate = per_second(info.requests_limit, self.most_held[0], info.requests_per_minute)
+            tok_rate = per_second(info.tokens_limit, self.most_held[1], info.tokens_per_minute)
             changed = (req_rate, tok_rate) != (self.req_ceiling, self.tok_ceiling)
             if changed and req_rate is not None:
                 self.req_ceiling = req_rate
@@ -350,6 +361,12 @@ class Pacer:
         if self.tokens is not None and info.tokens_remaining is not None:
             self.tokens.refill(now)
             self.tokens.level = min(self.tokens.level, info.tokens_remaining)
+        # A server reports an overdrawn bucket as 0: what this request cost, less what has
+        # refilled since it was sent, is a bound it cannot hide.
+        for bucket, cost in ((self.requests, 1), (self.tokens, tokens)):
+            if bucket is not None:
+                bound = bucket.capacity - cost + (now - ticket.sent_at) * bucket.rate
+                bucket.level = min(bucket.level, bound)
         return message
 
     def _rebuild(self, now: float) -> None:
