@@ -40,13 +40,56 @@ def est_tokens(text: str) -> int:
 
 # Each case: server flags, text length, target (429 share, wall/ideal).
 CASES: dict[str, dict[str, Any]] = {
-    "rpm": {"limit": "rpm", "chars": 40, "target": (0.02, 1.10), "label": "togembed, rpm= configured"},
-    "learned": {"limit": "rpm", "chars": 40, "target": (0.10, 1.30), "label": "togembed, nothing configured"},
-    "tokens": {"limit": "tpm", "chars": 600, "target": (0.10, 1.30), "label": "togembed, token-limited server, tpm not configured"},
-    "shared": {"limit": "rpm", "chars": 40, "target": (0.02, 1.10), "label": "togembed, 2 clients sharing one RateLimiter(rpm=)"},
-    "bare429": {"limit": "rpm", "chars": 40, "bare": 0.1, "target": None, "label": "togembed, nothing configured, +10% 429s without headers"},
-    "openai": {"limit": "rpm", "chars": 40, "target": None, "label": "openai-python AsyncOpenAI + gather"},
-    "aiohttp": {"limit": "rpm", "chars": 40, "target": None, "label": "plain aiohttp loop (16 at a time, honours Retry-After)"},
+    "rpm": {
+        "limit": "rpm",
+        "chars": 40,
+        "target": (0.02, 1.10),
+        "label": "togembed, rpm= configured",
+    },
+    "learned": {
+        "limit": "rpm",
+        "chars": 40,
+        "target": (0.10, 1.30),
+        "label": "togembed, nothing configured",
+    },
+    "tokens": {
+        "limit": "tpm",
+        "chars": 600,
+        "target": (0.10, 1.30),
+        "label": "togembed, token-limited server (long texts), tpm not configured",
+    },
+    "tight": {
+        "limit": "tpm",
+        "chars": 2000,
+        "n": 500,
+        "target": (0.10, 1.30),
+        "label": "togembed, token bucket smaller than one default batch, tpm not configured",
+    },
+    "shared": {
+        "limit": "rpm",
+        "chars": 40,
+        "target": (0.02, 1.10),
+        "label": "togembed, 2 clients sharing one RateLimiter(rpm=)",
+    },
+    "bare429": {
+        "limit": "rpm",
+        "chars": 40,
+        "bare": 0.1,
+        "target": None,
+        "label": "togembed, nothing configured, +10% 429s without headers",
+    },
+    "openai": {
+        "limit": "rpm",
+        "chars": 40,
+        "target": None,
+        "label": "openai-python AsyncOpenAI + gather (16 at a time, max_retries=100)",
+    },
+    "aiohttp": {
+        "limit": "rpm",
+        "chars": 40,
+        "target": None,
+        "label": "plain aiohttp loop (16 at a time, honours Retry-After)",
+    },
 }
 
 
@@ -75,9 +118,17 @@ async def run_togembed(case: str, base_url: str, texts: list[str], rpm: float) -
 async def run_openai(base_url: str, texts: list[str]) -> dict[str, Any]:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=20)
+    # 16 at a time, like the aiohttp loop: an unbounded gather of all 40 chunks fails even with
+    # 20 retries (all retries wake at the same Retry-After and collide again).
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=100)
+    sem = asyncio.Semaphore(16)
+
+    async def one(chunk: list[str]) -> None:
+        async with sem:
+            await client.embeddings.create(model=MODEL, input=chunk)
+
     chunks = [texts[i : i + BATCH] for i in range(0, len(texts), BATCH)]
-    await asyncio.gather(*(client.embeddings.create(model=MODEL, input=c) for c in chunks))
+    await asyncio.gather(*(one(c) for c in chunks))
     await client.close()
     return {}
 
@@ -142,15 +193,18 @@ def server_stats(base_url: str) -> dict[str, Any]:
 
 def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = CASES[case]
-    texts = make_texts(args.n, spec["chars"])
+    n = spec.get("n", args.n)
+    texts = make_texts(n, spec["chars"])
     if spec["limit"] == "rpm":
         rate = args.rpm / 60.0
         flags = ["--rpm", str(args.rpm)]
-        batches = math.ceil(args.n / BATCH)
+        batches = math.ceil(n / BATCH)
         ideal = max(0.0, batches - rate * 1.0) / rate
     else:  # tokens: rate chosen so the ideal is comparable to the request cases
         total = sum(est_tokens(t) for t in texts)
-        rate = total / (math.ceil(args.n / BATCH) / (args.rpm / 60.0))
+        # "tight": the bucket holds half a default batch, so batches must be cut to fit it
+        seconds = 7.0 if case == "tight" else math.ceil(n / BATCH) / (args.rpm / 60.0) - 1.0
+        rate = total / (seconds + 1.0)
         flags = ["--tpm", str(rate * 60.0)]
         ideal = max(0.0, total - rate * 1.0) / rate
     if spec.get("bare"):
@@ -159,7 +213,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     proc, base_url = start_server(flags)
     try:
         cmd = [sys.executable, __file__, "--client", "--case", case, "--base-url", base_url]
-        cmd += ["--n", str(args.n), "--rpm", str(args.rpm)]
+        cmd += ["--n", str(n), "--rpm", str(args.rpm)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         if out.returncode != 0:
             return {"case": case, "error": out.stderr.strip().splitlines()[-1:]}
@@ -230,9 +284,11 @@ def main() -> None:
     for case in args.cases.split(","):
         print(f"running {case} ...", file=sys.stderr, flush=True)
         rows.append(run_case(case, args))
-    print(f"N={args.n} texts, server limit {args.rpm:g} requests/min (1 s burst), "
-          f"latency {args.latency * 1000:g} ms, batch {BATCH}, python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cores\n")
+    print(
+        f"N={args.n} texts, server limit {args.rpm:g} requests/min (1 s burst), "
+        f"latency {args.latency * 1000:g} ms, batch {BATCH}, python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cores\n"
+    )
     print_table(rows)
     if args.out:
         with open(args.out, "w") as f:
