@@ -1,0 +1,444 @@
+"""A corpus job: embed every record of an input file into an output file, durably.
+
+Every answer is recorded in the job store (SQLite, one transaction per group of batches) as it
+arrives, so a job killed at any moment and started again re-sends only what was in flight.
+Identical texts are sent once; a vector cache shared between jobs skips what any job already
+paid for; inputs the server rejects for good are recorded as failures and the job goes on.
+The output file is written (atomically) only when every input is embedded or failed.
+
+The store lives in one writer thread: the event loop never waits on the disk, except when the
+writes fall behind (then it stops pulling new texts: backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import attrs
+import numpy as np
+import orjson
+
+from ._batching import estimate_tokens
+from ._client import AsyncClient
+from ._corpus import Record, read_records, write_output
+from ._jobstore import JobStore, VectorCache, cache_key, job_path, text_hash
+
+__all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
+
+T = TypeVar("T")
+
+_READ_BLOCK = 512  # records read, hashed and looked up together
+_MAX_PENDING_WRITES = 16_384  # vectors waiting for the writer thread before we stop pulling
+
+JobStatus = Literal["complete", "failures", "budget", "interrupted"]
+
+
+def failures_path(output: str | os.PathLike[str]) -> Path:
+    """``vectors.parquet`` -> ``vectors.parquet.failures.jsonl``."""
+    out = Path(output)
+    return out.with_name(out.name + ".failures.jsonl")
+
+
+@attrs.frozen(kw_only=True)
+class JobOptions:
+    input: Path
+    output: Path
+    model: str
+    id_field: str | None = None
+    text_field: str = "text"
+    retry_failed: bool = False
+    restart: bool = False
+    max_tokens: int | None = None  # stop sending once this many estimated tokens went out
+    deadline: float | None = None  # time.monotonic() after which nothing new is sent
+    cache: Path | None = None
+    window: int | None = None
+
+
+@attrs.define
+class JobProgress:
+    """Live counters, handed to the progress display."""
+
+    total: int = 0  # inputs in the file
+    done_before: int = 0  # embedded by earlier runs
+    failed_before: int = 0
+    embedded: int = 0  # this run, from the API
+    deduplicated: int = 0  # this run, copied from an identical text
+    cached: int = 0  # this run, from the vector cache
+    failed: int = 0  # this run, rejected for good
+    tokens_sent: int = 0  # estimated
+    started: float = attrs.field(factory=time.monotonic)
+
+    @property
+    def finished(self) -> int:
+        return (
+            self.done_before
+            + self.failed_before
+            + self.embedded
+            + self.deduplicated
+            + self.cached
+            + self.failed
+        )
+
+
+@attrs.frozen
+class JobResult:
+    status: JobStatus
+    progress: JobProgress
+    output: Path | None  # written, or None when the job is not complete
+    failures: Path | None  # the failures file, if any input failed
+    message: str = ""
+
+
+class _Writer:
+    """The job store and cache, used only from one thread; group commits of queued batches."""
+
+    def __init__(self) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="togembed-store")
+        self.store: JobStore | None = None
+        self.cache: VectorCache | None = None
+        self._queued: list[tuple[list[int], list[str], np.ndarray, list[bytes]]] = []
+        self._queued_rows = 0
+        self._flush: asyncio.Future[None] | None = None
+        # Told the text hashes of rows once they are committed (dedup may then copy them).
+        self.on_committed: Callable[[list[bytes]], None] = lambda hashes: None
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    async def add_batch(
+        self, positions: list[int], ids: list[str], vectors: np.ndarray, hashes: list[bytes]
+    ) -> None:
+        """Queue rows for the next group commit; waits only when the writer falls behind."""
+        self._queued.append((positions, ids, vectors, hashes))
+        self._queued_rows += len(positions)
+        if self._flush is None or self._flush.done():
+            self._start_flush()
+        elif self._queued_rows > _MAX_PENDING_WRITES:
+            await self.drain()
+
+    def _start_flush(self) -> None:
+        groups, self._queued, self._queued_rows = self._queued, [], 0
+        self._flush = flush = asyncio.ensure_future(self.call(self._write_groups, groups))
+        hashes = [h for g in groups for h in g[3]]
+        flush.add_done_callback(
+            lambda f: f.cancelled() or f.exception() or self.on_committed(hashes)
+        )
+
+    def _write_groups(self, groups: list[tuple[list[int], list[str], np.ndarray, list[bytes]]]):
+        assert self.store is not None
+        positions = [p for g in groups for p in g[0]]
+        ids = [i for g in groups for i in g[1]]
+        hashes = [h for g in groups for h in g[3]]
+        vectors = np.concatenate([g[2] for g in groups]) if len(groups) > 1 else groups[0][2]
+        self.store.record_batch(positions, ids, vectors, hashes=hashes)
+
+    async def drain(self) -> None:
+        """Wait until everything queued is committed."""
+        while self._flush is not None:
+            flush = self._flush
+            await flush
+            if self._queued:
+                self._start_flush()
+            elif self._flush is flush:
+                self._flush = None
+
+    def close(self) -> None:
+        def shut() -> None:
+            for resource in (self.store, self.cache):
+                if resource is not None:
+                    resource.close()
+
+        self.pool.submit(shut).result()
+        self.pool.shutdown(wait=True)
+
+
+def _meta(opts: JobOptions) -> dict[str, Any]:
+    """What the stored vectors depend on: a rerun with other values must not mix them in."""
+    stat = opts.input.stat()
+    return {
+        "model": opts.model,
+        "input": str(opts.input.resolve()),
+        "input_size": stat.st_size,
+        "input_mtime_ns": stat.st_mtime_ns,
+        "id_field": opts.id_field,
+        "text_field": opts.text_field,
+    }
+
+
+async def run_job(
+    client: AsyncClient,
+    opts: JobOptions,
+    *,
+    stop: asyncio.Event | None = None,
+    on_progress: Callable[[JobProgress], None] | None = None,
+) -> JobResult:
+    """Run (or resume) the job; ``stop`` set = send nothing new, finish what is in flight."""
+    stop = stop or asyncio.Event()
+    writer = _Writer()
+    try:
+        return await _Job(client, opts, writer, stop, on_progress).run()
+    finally:
+        await asyncio.shield(writer.drain()) if writer.store is not None else None
+        writer.close()
+
+
+class _Job:
+    def __init__(
+        self,
+        client: AsyncClient,
+        opts: JobOptions,
+        writer: _Writer,
+        stop: asyncio.Event,
+        on_progress: Callable[[JobProgress], None] | None,
+    ) -> None:
+        self.client = client
+        self.opts = opts
+        self.w = writer
+        self.stop = stop
+        self.on_progress = on_progress or (lambda p: None)
+        self.progress = JobProgress()
+        self.stopped_by: JobStatus | None = None
+        # Texts sent and not yet recorded, in the order the stream will answer them:
+        # (position, id, text hash, cache key or None).
+        self.sent: collections.deque[tuple[int, str, bytes, bytes | None]] = collections.deque()
+        # Dedup of texts in flight: hash -> first position sent; that position -> waiting copies.
+        self.in_flight_hash: dict[bytes, int] = {}
+        self.waiting: dict[int, list[tuple[int, str]]] = {}
+        # Rows recorded this run but perhaps not yet committed: hash -> position.
+        self.recorded: dict[bytes, int] = {}
+        self.committed_at: dict[bytes, int] = {}
+        self.commit_seq = 0
+        writer.on_committed = self._committed
+        self.cache_options = f"{client.encoding_format}"
+
+    def _committed(self, hashes: list[bytes]) -> None:
+        self.commit_seq += 1
+        for h in hashes:
+            if h in self.recorded:
+                self.committed_at[h] = self.commit_seq
+
+    def _forget_committed(self, seq: int) -> None:
+        """Drop rows a store lookup submitted after commit ``seq`` can see."""
+        for h in [h for h, at in self.committed_at.items() if at <= seq]:
+            del self.committed_at[h]
+            self.recorded.pop(h, None)
+
+    async def run(self) -> JobResult:
+        opts, w, p = self.opts, self.w, self.progress
+        path = job_path(opts.output)
+        if opts.restart:
+            JobStore.delete(path)
+        w.store = store = await w.call(JobStore.open, path, meta=_meta(opts))
+        if opts.cache is not None:
+            w.cache = await w.call(VectorCache.open, opts.cache)
+        if store.ids_total is None:  # first run: every id checked before anything is paid
+            await w.call(store.register_ids, self._id_pairs())
+        p.total = store.ids_total or 0
+        if opts.retry_failed:
+            await w.call(store.clear_failures)
+        done = await w.call(store.done_bitmap, p.total)
+        failed = await w.call(store.failed_positions)
+        p.done_before = int(done.sum())
+        p.failed_before = len(failed)
+        self.on_progress(p)
+
+        if p.done_before + p.failed_before < p.total:
+            await self._embed(done, failed)
+        await w.drain()
+        return await self._finish()
+
+    def _id_pairs(self) -> Iterator[tuple[int, str]]:
+        for r in read_records(
+            self.opts.input, id_field=self.opts.id_field, text_field=self.opts.text_field
+        ):
+            yield r.pos, r.id
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def _embed(self, done: np.ndarray, failed: set[int]) -> None:
+        records = (
+            r
+            for r in read_records(
+                self.opts.input, id_field=self.opts.id_field, text_field=self.opts.text_field
+            )
+            if not done[r.pos] and r.pos not in failed
+        )
+        stream = self.client.embed_stream(
+            self._texts_to_send(records),
+            model=self.opts.model,
+            window=self.opts.window,
+            errors="collect",
+        )
+        async with _aclosing(stream):
+            async for chunk in stream:
+                await self._record_chunk(chunk.vectors, chunk.errors, chunk.start)
+
+    async def _texts_to_send(self, records: Iterator[Record]) -> AsyncIterator[str]:
+        """Yield the texts that need the API; record copies and cache hits on the way."""
+        while True:
+            block = [r for _, r in zip(range(_READ_BLOCK), records, strict=False)]
+            if not block:
+                return
+            hashes = [text_hash(r.text) for r in block]
+            # A row committed before the lookup is submitted is found by it (the writer thread
+            # runs commits and lookups in order); later ones are still in `recorded`.
+            seq = self.commit_seq
+            known = await self.w.call(self.w.store.lookup_texts, hashes)  # type: ignore[union-attr]
+            cached = await self._cache_lookup(block)
+            copies: list[tuple[int, str, int]] = []
+            hits: list[tuple[Record, bytes, np.ndarray]] = []
+            for r, h in zip(block, hashes, strict=True):
+                if h in known:
+                    copies.append((r.pos, r.id, known[h]))
+                elif h in self.recorded:
+                    copies.append((r.pos, r.id, self.recorded[h]))
+                elif h in self.in_flight_hash:
+                    self.waiting.setdefault(self.in_flight_hash[h], []).append((r.pos, r.id))
+                elif r.pos in cached:
+                    hits.append((r, h, cached[r.pos]))
+                else:
+                    if self._out_of_budget():
+                        return
+                    self.in_flight_hash[h] = r.pos
+                    key = self._cache_key(r.text) if self.w.cache is not None else None
+                    self.sent.append((r.pos, r.id, h, key))
+                    self.progress.tokens_sent += estimate_tokens(r.text)
+                    yield r.text
+            self._forget_committed(seq)
+            if copies:
+                await self.w.drain()  # sources recorded moments ago must be committed first
+                await self.w.call(self.w.store.record_duplicates, copies)  # type: ignore[union-attr]
+                self.progress.deduplicated += len(copies)
+            if hits:
+                await self.w.add_batch(
+                    [r.pos for r, _, _ in hits],
+                    [r.id for r, _, _ in hits],
+                    np.stack([v for _, _, v in hits]),
+                    [h for _, h, _ in hits],
+                )
+                self.progress.cached += len(hits)
+            self.on_progress(self.progress)
+
+    async def _cache_lookup(self, block: list[Record]) -> dict[int, np.ndarray]:
+        cache = self.w.cache
+        if cache is None:
+            return {}
+        keys = [self._cache_key(r.text) for r in block]
+        found = await self.w.call(cache.get_many, keys)
+        return {r.pos: found[k] for r, k in zip(block, keys, strict=True) if k in found}
+
+    def _cache_key(self, text: str) -> bytes:
+        return cache_key(self.opts.model, self.cache_options, text)
+
+    def _out_of_budget(self) -> bool:
+        opts = self.opts
+        over_tokens = opts.max_tokens is not None and self.progress.tokens_sent >= opts.max_tokens
+        over_time = opts.deadline is not None and time.monotonic() >= opts.deadline
+        if self.stop.is_set():
+            self.stopped_by = self.stopped_by or "interrupted"
+        elif over_tokens or over_time:
+            self.stopped_by = "budget"
+        return self.stopped_by is not None
+
+    # -- recording -------------------------------------------------------------------------
+
+    async def _record_chunk(self, vectors: np.ndarray, errors: Any, start: int) -> None:
+        items = [self.sent.popleft() for _ in range(len(vectors))]
+        ok = [k for k in range(len(items)) if start + k not in errors]
+        if ok:
+            rows = vectors[ok] if len(ok) < len(items) else vectors
+            for k in ok:  # before queuing: the commit may land while add_batch waits
+                self.recorded[items[k][2]] = items[k][0]
+            positions = [items[k][0] for k in ok]
+            await self.w.add_batch(
+                positions, [items[k][1] for k in ok], rows, [items[k][2] for k in ok]
+            )
+            self.progress.embedded += len(ok)
+            if self.w.cache is not None:
+                await self._cache_store([items[k] for k in ok], rows)
+        failures = [
+            (items[k][0], items[k][1], str(errors[start + k]))
+            for k in range(len(items))
+            if start + k in errors
+        ]
+        copies: list[tuple[int, str, int]] = []
+        for k, (pos, _id, h, _key) in enumerate(items):
+            self.in_flight_hash.pop(h, None)
+            for wpos, wid in self.waiting.pop(pos, ()):
+                if start + k in errors:
+                    failures.append((wpos, wid, str(errors[start + k])))
+                else:
+                    copies.append((wpos, wid, pos))
+        if copies:
+            await self.w.drain()  # the source rows must be committed first
+            await self.w.call(self.w.store.record_duplicates, copies)  # type: ignore[union-attr]
+            self.progress.deduplicated += len(copies)
+        if failures:
+            await self.w.call(self.w.store.record_failures, failures)  # type: ignore[union-attr]
+            self.progress.failed += len(failures)
+        self.on_progress(self.progress)
+
+    async def _cache_store(
+        self, items: list[tuple[int, str, bytes, bytes | None]], rows: np.ndarray
+    ) -> None:
+        cache = self.w.cache
+        assert cache is not None
+        pairs = [(key, rows[k]) for k, (_, _, _, key) in enumerate(items) if key is not None]
+        await self.w.call(cache.put_many, pairs)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    async def _finish(self) -> JobResult:
+        w, p, opts = self.w, self.progress, self.opts
+        store = w.store
+        assert store is not None
+        counts = await w.call(store.counts)
+        fails = failures_path(opts.output)
+        if counts.failed:
+            await w.call(_write_failures, store, fails)
+        elif fails.exists():
+            fails.unlink()
+        if counts.done + counts.failed < p.total:
+            status: JobStatus = self.stopped_by or "interrupted"
+            return JobResult(status, p, None, fails if counts.failed else None)
+        if counts.done:
+            dim = store.dim
+            assert dim is not None
+            await w.call(
+                lambda: write_output(opts.output, store.iter_rows(), dim=dim, count=counts.done)
+            )
+        return JobResult(
+            "failures" if counts.failed else "complete",
+            p,
+            opts.output if counts.done else None,
+            fails if counts.failed else None,
+        )
+
+
+def _write_failures(store: JobStore, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        for pos, id_, reason in store.iter_failures():
+            f.write(orjson.dumps({"id": id_, "position": pos, "error": reason}) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _aclosing:  # contextlib.aclosing is 3.10+, but typed loosely; keep it explicit
+    def __init__(self, agen: Any) -> None:
+        self.agen = agen
+
+    async def __aenter__(self) -> Any:
+        return self.agen
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.agen.aclose()

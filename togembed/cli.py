@@ -1,0 +1,307 @@
+"""The ``togembed`` command: embed a corpus file, resumably, with progress."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._client import AsyncClient
+from ._config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONCURRENCY,
+    is_loopback_url,
+    resolve_api_key,
+    resolve_base_url,
+)
+from ._corpus import INPUT_SUFFIXES, OUTPUT_SUFFIXES
+from ._exceptions import APIError, TogembedError
+from ._job import JobOptions, JobProgress, JobResult, run_job
+from ._jobstore import job_path
+
+__all__ = ["main"]
+
+# Exit codes: what a script driving the command needs to decide what to do next.
+EXIT_OK = 0  # every input embedded, output written
+EXIT_API_ERROR = 1  # the API stopped the job (key, model, retries exhausted): fix, rerun
+EXIT_USAGE = 2  # bad arguments, unreadable input, job settings changed, no API key
+EXIT_FAILURES = 3  # done, output written, but some inputs failed for good (see failures file)
+EXIT_BUDGET = 4  # --max-tokens / --deadline reached: rerun the same command to continue
+EXIT_INTERRUPTED = 130  # Ctrl-C: rerun the same command to continue
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def _seconds(text: str) -> float:
+    m = _DURATION.match(text.strip())
+    if not m or not any(m.groups()):
+        raise click.BadParameter(f"{text!r} is not a duration like 90, 90s, 15m or 2h30m")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="togembed")
+def cli() -> None:
+    """togembed: embed texts with Together AI, fast, within your rate limit, without losing
+    work."""
+
+
+EMBED_HELP = f"""Embed every text of INPUT into OUTPUT.
+
+\b
+INPUT   {", ".join(INPUT_SUFFIXES)}  (.txt: one text per line, id = line number)
+OUTPUT  {", ".join(OUTPUT_SUFFIXES)}  (.parquet: columns id, embedding)
+
+\b
+Examples:
+  togembed embed docs.jsonl -o vectors.parquet --model BAAI/bge-base-en-v1.5
+  togembed embed notes.txt -o notes.npy --model BAAI/bge-base-en-v1.5 --rpm 600
+  togembed embed docs.csv -o v.parquet --model M --id-field doc_id --text-field body
+
+The API key is read from TOGETHER_API_KEY. Progress is saved as it goes in
+OUTPUT.togembed-job.sqlite: if the job stops (Ctrl-C, a crash, a budget), run the
+same command again and it continues where it stopped, paying only for what was in
+flight. Inputs the server rejects for good are listed in OUTPUT.failures.jsonl;
+--retry-failed tries them again.
+
+\b
+Exit codes: 0 done; 1 API error (fix and rerun); 2 usage or input error;
+3 done with failed inputs; 4 budget reached (rerun to continue); 130 interrupted.
+"""
+
+
+@cli.command("embed", help=EMBED_HELP, no_args_is_help=True)
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
+@click.option("-m", "--model", required=True, help="Embedding model, e.g. BAAI/bge-base-en-v1.5.")
+@click.option("--id-field", default=None, help="Id column/key (.jsonl/.csv/.parquet).")
+@click.option("--text-field", default="text", show_default=True, help="Text column/key.")
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--concurrency", default=DEFAULT_CONCURRENCY, show_default=True, type=click.IntRange(1)
+)
+@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute.")
+@click.option("--tpm", type=click.FloatRange(min=0, min_open=True), help="Tokens per minute.")
+@click.option(
+    "--base-url", default=None, help="API root [default: $TOGETHER_BASE_URL or Together]."
+)
+@click.option("--cache", type=click.Path(dir_okay=False), help="Vector cache shared by jobs.")
+@click.option("--max-tokens", type=click.IntRange(1), help="Stop after sending this many tokens.")
+@click.option("--deadline", help="Stop sending after this long, e.g. 45m or 2h.")
+@click.option("--retry-failed", is_flag=True, help="Retry inputs that failed in earlier runs.")
+@click.option("--restart", is_flag=True, help="Discard saved progress and start over.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a tty].")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the summary.")
+def embed_command(
+    input_path: str,
+    output: str,
+    model: str,
+    id_field: str | None,
+    text_field: str,
+    batch_size: int,
+    concurrency: int,
+    rpm: float | None,
+    tpm: float | None,
+    base_url: str | None,
+    cache: str | None,
+    max_tokens: int | None,
+    deadline: str | None,
+    retry_failed: bool,
+    restart: bool,
+    progress: bool | None,
+    quiet: bool,
+) -> None:
+    src, out = Path(input_path), Path(output)
+    if src.suffix.lower() not in INPUT_SUFFIXES:
+        raise click.BadParameter(f"must end in {', '.join(INPUT_SUFFIXES)}", param_hint="INPUT")
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise click.BadParameter(f"must end in {', '.join(OUTPUT_SUFFIXES)}", param_hint="-o")
+    url = resolve_base_url(base_url)
+    if resolve_api_key(None) is None and not is_loopback_url(url):
+        click.echo(
+            "error: no API key. Set one and run the same command again:\n"
+            "    export TOGETHER_API_KEY=...   (https://api.together.ai/settings/api-keys)\n"
+            "or point --base-url at a Together-compatible server on this machine.",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    opts = JobOptions(
+        input=src,
+        output=out,
+        model=model,
+        id_field=id_field,
+        text_field=text_field,
+        retry_failed=retry_failed,
+        restart=restart,
+        max_tokens=max_tokens,
+        deadline=time.monotonic() + _seconds(deadline) if deadline else None,
+        cache=Path(cache).expanduser() if cache else None,
+    )
+    client_kwargs: dict[str, Any] = {
+        "base_url": url,
+        "batch_size": batch_size,
+        "concurrency": concurrency,
+        "rpm": rpm,
+        "tpm": tpm,
+    }
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    if not quiet:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    sys.exit(asyncio.run(_embed(opts, client_kwargs, show_bar=show_bar, quiet=quiet)))
+
+
+async def _embed(
+    opts: JobOptions, client_kwargs: dict[str, Any], *, show_bar: bool, quiet: bool
+) -> int:
+    stop = asyncio.Event()
+    task = asyncio.current_task()
+    presses = 0
+
+    def on_sigint() -> None:  # 1st: finish what is in flight; 2nd: abandon it
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            click.echo(
+                "\nstopping: finishing requests in flight (Ctrl-C again to abandon them)", err=True
+            )
+            stop.set()
+        elif task is not None:
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        loop.add_signal_handler(signal.SIGTERM, on_sigint)
+    display = _Display(show_bar=show_bar, quiet=quiet)
+    try:
+        async with AsyncClient(**client_kwargs) as client:
+            display.client = client
+            try:
+                result = await run_job(client, opts, stop=stop, on_progress=display.update)
+            except asyncio.CancelledError:
+                display.close()
+                click.echo(f"interrupted; progress saved in {job_path(opts.output)}", err=True)
+                return EXIT_INTERRUPTED
+    except APIError as exc:
+        display.close()
+        click.echo(f"error: {exc}", err=True)
+        click.echo(
+            f"progress is saved in {job_path(opts.output)}; fix the cause and run the same "
+            "command again to continue.",
+            err=True,
+        )
+        return EXIT_API_ERROR
+    except TogembedError as exc:
+        display.close()
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_USAGE
+    display.close()
+    return _summary(result, display, opts)
+
+
+def _summary(result: JobResult, display: _Display, opts: JobOptions) -> int:
+    p = result.progress
+    elapsed = time.monotonic() - p.started
+    new = p.embedded + p.deduplicated + p.cached
+    lines = [
+        f"{p.finished:,} of {p.total:,} inputs done ({new:,} this run in {elapsed:.1f} s: "
+        f"{p.embedded:,} embedded, {p.deduplicated:,} duplicates, {p.cached:,} from cache; "
+        f"{p.failed_before + p.failed:,} failed)"
+    ]
+    stats = display.client.stats if display.client is not None else None
+    if stats is not None:
+        lines.append(
+            f"{stats.requests:,} requests, {stats.retries:,} retries, {stats.rate_limited:,} "
+            f"rate-limited, ~{p.tokens_sent:,} tokens sent"
+        )
+    if result.output is not None:
+        lines.append(f"wrote {result.output}")
+    if result.failures is not None:
+        lines.append(f"failed inputs and reasons: {result.failures} (retry: --retry-failed)")
+    code = {
+        "complete": EXIT_OK,
+        "failures": EXIT_FAILURES,
+        "budget": EXIT_BUDGET,
+        "interrupted": EXIT_INTERRUPTED,
+    }[result.status]
+    if result.status in ("budget", "interrupted"):
+        lines.append(
+            f"stopped ({'budget reached' if result.status == 'budget' else 'interrupted'}); "
+            f"run the same command again to continue (progress: {job_path(opts.output)})"
+        )
+    click.echo("\n".join(lines), err=True)
+    return code
+
+
+class _Display:
+    """A tqdm bar on a terminal; otherwise a plain log line every 10 s."""
+
+    INTERVAL = 10.0
+
+    def __init__(self, *, show_bar: bool, quiet: bool) -> None:
+        self.show_bar = show_bar and not quiet
+        self.quiet = quiet
+        self.bar: Any = None
+        self.client: AsyncClient | None = None
+        self.last_line = time.monotonic()
+        self.last_finished = 0
+
+    def update(self, p: JobProgress) -> None:
+        if self.quiet:
+            return
+        stats = self.client.stats if self.client is not None else None
+        post = {
+            "tokens": f"{p.tokens_sent:,}",
+            "retries": stats.retries if stats else 0,
+            "429s": stats.rate_limited if stats else 0,
+            "failed": p.failed_before + p.failed,
+        }
+        if self.show_bar:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=p.total,
+                    initial=p.finished,
+                    unit="text",
+                    unit_scale=True,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+            self.bar.update(p.finished - self.bar.n)
+            self.bar.set_postfix(post, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.INTERVAL or p.finished == p.total:
+            rate = (p.finished - self.last_finished) / max(now - self.last_line, 1e-9)
+            left = (p.total - p.finished) / rate if rate > 0 else float("inf")
+            eta = f"{left:.0f} s" if left != float("inf") else "?"
+            extras = ", ".join(f"{k} {v}" for k, v in post.items())
+            click.echo(
+                f"{p.finished:,}/{p.total:,} texts, {rate:,.0f} texts/s, {extras}, ETA {eta}",
+                err=True,
+            )
+            self.last_line, self.last_finished = now, p.finished
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``togembed`` command."""
+    cli.main(args=argv, prog_name="togembed")
+
+
+if __name__ == "__main__":
+    main()
