@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from unittest import mock
 
 import aiohttp
 import aioresponses.core
 import pytest
+from helpers import MakeServer
 
 import togembed.testing
+from togembed.testing import FakeTogetherServer
 
 
 class _ShimResponse(aiohttp.ClientResponse):
@@ -31,3 +34,20 @@ def _no_backoff() -> Iterator[None]:
     """Retries happen at once in tests; delays are still computed and asserted where it matters."""
     with togembed.testing.backoff_disabled():
         yield
+
+
+@pytest.fixture
+async def make_server(request: pytest.FixtureRequest) -> AsyncIterator[MakeServer]:
+    """Start fake Together servers on 127.0.0.1 (``dim`` defaults to the module's ``DIM``)."""
+    servers: list[FakeTogetherServer] = []
+
+    async def make(**kwargs: Any) -> FakeTogetherServer:
+        kwargs.setdefault("dim", getattr(request.module, "DIM", 32))
+        server = FakeTogetherServer(**kwargs)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.close()

@@ -10,12 +10,13 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
 import pytest
+from helpers import MakeServer, wait_until
 
 import togembed
 import togembed._retry
@@ -25,8 +26,6 @@ T = TypeVar("T")
 
 MODEL = "BAAI/bge-base-en-v1.5"
 DIM = 32
-
-MakeServer = Callable[..., Awaitable[FakeTogetherServer]]
 
 
 def texts(n: int, prefix: str = "text") -> list[str]:
@@ -46,30 +45,6 @@ def assert_rows(arr: np.ndarray, items: list[str], dim: int = DIM) -> None:
 def client_for(server: FakeTogetherServer, **kwargs: Any) -> togembed.AsyncClient:
     kwargs.setdefault("model", MODEL)
     return togembed.AsyncClient(base_url=server.base_url, **kwargs)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def make_server() -> AsyncIterator[MakeServer]:
-    servers: list[FakeTogetherServer] = []
-
-    async def make(**kwargs: Any) -> FakeTogetherServer:
-        kwargs.setdefault("dim", DIM)
-        server = FakeTogetherServer(**kwargs)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.close()
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from helpers import MakeServer
 
 import togembed
 from togembed.testing import FakeTogetherServer, fake_embeddings
@@ -22,8 +23,6 @@ T = TypeVar("T")
 
 MODEL = "BAAI/bge-base-en-v1.5"
 DIM = 16
-
-MakeServer = Callable[..., Awaitable[FakeTogetherServer]]
 
 
 def texts(n: int, prefix: str = "text", width: int = 0) -> list[str]:
@@ -62,22 +61,6 @@ async def within(coro: Awaitable[T], seconds: float = 10.0) -> T:
 def limiter_of(client: togembed.AsyncClient) -> togembed.RateLimiter:
     assert isinstance(client.limiter, togembed.RateLimiter)
     return client.limiter
-
-
-@pytest.fixture
-async def make_server() -> AsyncIterator[MakeServer]:
-    servers: list[FakeTogetherServer] = []
-
-    async def make(**kwargs: Any) -> FakeTogetherServer:
-        kwargs.setdefault("dim", DIM)
-        server = FakeTogetherServer(**kwargs)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import MakeServer, wait_until
 
 import togembed
 from togembed._batching import estimate_tokens
@@ -20,8 +21,6 @@ from togembed.testing import FakeTogetherServer, fake_embeddings
 
 MODEL = "BAAI/bge-base-en-v1.5"
 DIM = 32
-
-MakeServer = Callable[..., Awaitable[FakeTogetherServer]]
 
 
 def text(i: int) -> str:
@@ -107,31 +106,6 @@ def stream_tasks() -> set[asyncio.Task[Any]]:
         for t in asyncio.all_tasks()
         if "togembed" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
     }
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def make_server() -> AsyncIterator[MakeServer]:
-    servers: list[FakeTogetherServer] = []
-
-    async def make(**kwargs: Any) -> FakeTogetherServer:
-        kwargs.setdefault("dim", DIM)
-        server = FakeTogetherServer(**kwargs)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.close()
 
 
 @pytest.fixture
