@@ -7,10 +7,9 @@ import asyncio
 import base64
 import gc
 import math
-import threading
 import time
 import warnings
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -20,7 +19,7 @@ from helpers import MakeServer, wait_until
 
 import togembed
 import togembed._retry
-from togembed.testing import FakeTogetherServer, fake_embeddings
+from togembed.testing import FakeTogetherServer, fake_embeddings, serve_in_thread
 
 T = TypeVar("T")
 
@@ -830,36 +829,15 @@ async def test_loopback_server_needs_no_api_key(
 # Sync client, against a server on its own loop thread
 
 
-class ThreadedServer:
-    """A FakeTogetherServer on a private event loop thread, for blocking callers."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("dim", DIM)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.server = FakeTogetherServer(**kwargs)
-        self.base_url = self.call(self.server.start())
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def close(self) -> None:
-        self.call(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-
 @pytest.fixture
-def threaded_server() -> Iterator[ThreadedServer]:
-    ts = ThreadedServer()
-    yield ts
-    ts.close()
+def threaded_server() -> Iterator[FakeTogetherServer]:
+    """A server on its own event-loop thread, for blocking callers."""
+    with serve_in_thread(dim=DIM) as server:
+        yield server
 
 
-def test_sync_client_embed_and_create(threaded_server: ThreadedServer) -> None:
-    server = threaded_server.server
+def test_sync_client_embed_and_create(threaded_server: FakeTogetherServer) -> None:
+    server = threaded_server
     server.faults.extend(["500", "shuffle"])
     items = texts(500)
     with togembed.Client(base_url=threaded_server.base_url, model=MODEL, batch_size=100) as c:
@@ -879,8 +857,8 @@ def test_sync_client_embed_and_create(threaded_server: ThreadedServer) -> None:
     c.close()  # twice is fine
 
 
-def test_sync_client_raises_typed_errors(threaded_server: ThreadedServer) -> None:
-    threaded_server.server.faults.extend(["404"])
+def test_sync_client_raises_typed_errors(threaded_server: FakeTogetherServer) -> None:
+    threaded_server.faults.extend(["404"])
     with (
         togembed.Client(base_url=threaded_server.base_url, model=MODEL) as c,
         pytest.raises(togembed.NotFoundError),
@@ -894,7 +872,7 @@ def test_sync_client_raises_typed_errors(threaded_server: ThreadedServer) -> Non
 
 
 async def test_sync_client_works_inside_a_running_event_loop(
-    threaded_server: ThreadedServer,
+    threaded_server: FakeTogetherServer,
 ) -> None:
     """Jupyter's case: blocking calls from code that already runs in an event loop."""
     with togembed.Client(base_url=threaded_server.base_url, model=MODEL) as c:
@@ -912,8 +890,7 @@ async def test_event_loop_lag_stays_low_while_embedding_20000_texts() -> None:
     measured in this thread's CPU time, so neither the server nor a busy machine counts: only
     what our code blocks the loop with. The bound is generous; benchmarks/ measures the strict
     20 ms wall-clock target."""
-    ts = ThreadedServer(dim=256)
-    try:
+    with serve_in_thread(dim=256) as ts:
         items = texts(20_000)
         work: list[float] = []
         lags: list[float] = []
@@ -933,8 +910,6 @@ async def test_event_loop_lag_stays_low_while_embedding_20000_texts() -> None:
             arr = await client.embed(items)
         stop.set()
         await tick
-    finally:
-        ts.close()
     np.testing.assert_array_equal(arr, fake_embeddings(items, 256))
     assert len(work) > 3
     assert max(work) < 0.1, (
