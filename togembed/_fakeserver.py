@@ -1003,6 +1003,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-input-chars", type=int, default=None)
+    p.add_argument(
+        "--reject-substring", default=None, help="answer 400 to any input containing this"
+    )
     p.add_argument("--models", default=None, help="comma-separated allow-list of model names")
     p.add_argument(
         "--fault",
@@ -1030,6 +1033,7 @@ async def _serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         max_batch_size=args.max_batch_size,
         max_input_chars=args.max_input_chars,
+        reject_substring=args.reject_substring,
         models=None if args.models is None else [m for m in args.models.split(",") if m],
     )
     server.faults.extend(args.fault)

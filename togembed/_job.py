@@ -28,6 +28,7 @@ import orjson
 from ._batching import estimate_tokens
 from ._client import AsyncClient
 from ._corpus import Record, read_records, write_output
+from ._exceptions import APIError
 from ._jobstore import JobStore, VectorCache, cache_key, job_path, text_hash
 
 __all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
@@ -120,6 +121,8 @@ class _Writer:
         self._queued.append((positions, ids, vectors, hashes))
         self._queued_rows += len(positions)
         if self._flush is None or self._flush.done():
+            if self._flush is not None:
+                self._flush.result()  # a commit that failed stops the job, not just its rows
             self._start_flush()
         elif self._queued_rows > _MAX_PENDING_WRITES:
             await self.drain()
@@ -128,9 +131,16 @@ class _Writer:
         groups, self._queued, self._queued_rows = self._queued, [], 0
         self._flush = flush = asyncio.ensure_future(self.call(self._write_groups, groups))
         hashes = [h for g in groups for h in g[3]]
-        flush.add_done_callback(
-            lambda f: f.cancelled() or f.exception() or self.on_committed(hashes)
-        )
+
+        def committed(f: asyncio.Future[None]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            self.on_committed(hashes)
+            # What queued up meanwhile is committed now, not when the next batch arrives.
+            if self._queued and self._flush is f:
+                self._start_flush()
+
+        flush.add_done_callback(committed)
 
     def _write_groups(self, groups: list[tuple[list[int], list[str], np.ndarray, list[bytes]]]):
         assert self.store is not None
@@ -183,11 +193,21 @@ async def run_job(
     """Run (or resume) the job; ``stop`` set = send nothing new, finish what is in flight."""
     stop = stop or asyncio.Event()
     writer = _Writer()
+    api_error = discard = False
     try:
         return await _Job(client, opts, writer, stop, on_progress).run()
+    except APIError:
+        api_error = True
+        raise
     finally:
-        await asyncio.shield(writer.drain()) if writer.store is not None else None
+        if writer.store is not None:
+            await asyncio.shield(writer.drain())
+            if api_error:  # e.g. a wrong model or key, refused at the first request
+                counts = await writer.call(writer.store.counts)
+                discard = counts.done == 0 and counts.failed == 0
         writer.close()
+        if discard:  # nothing paid for: the corrected command starts afresh, not a "mismatch"
+            JobStore.delete(job_path(opts.output))
 
 
 class _Job:

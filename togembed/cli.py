@@ -48,6 +48,10 @@ def _seconds(text: str) -> float:
     return h * 3600 + mi * 60 + s
 
 
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    return None if value is None else _seconds(value)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="togembed")
 def cli() -> None:
@@ -96,7 +100,9 @@ Exit codes: 0 done; 1 API error (fix and rerun); 2 usage or input error;
 )
 @click.option("--cache", type=click.Path(dir_okay=False), help="Vector cache shared by jobs.")
 @click.option("--max-tokens", type=click.IntRange(1), help="Stop after sending this many tokens.")
-@click.option("--deadline", help="Stop sending after this long, e.g. 45m or 2h.")
+@click.option(
+    "--deadline", callback=_duration_option, help="Stop sending after this long, e.g. 45m or 2h."
+)
 @click.option("--retry-failed", is_flag=True, help="Retry inputs that failed in earlier runs.")
 @click.option("--restart", is_flag=True, help="Discard saved progress and start over.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a tty].")
@@ -114,7 +120,7 @@ def embed_command(
     base_url: str | None,
     cache: str | None,
     max_tokens: int | None,
-    deadline: str | None,
+    deadline: float | None,
     retry_failed: bool,
     restart: bool,
     progress: bool | None,
@@ -143,7 +149,7 @@ def embed_command(
         retry_failed=retry_failed,
         restart=restart,
         max_tokens=max_tokens,
-        deadline=time.monotonic() + _seconds(deadline) if deadline else None,
+        deadline=time.monotonic() + deadline if deadline is not None else None,
         cache=Path(cache).expanduser() if cache else None,
     )
     client_kwargs: dict[str, Any] = {
@@ -194,11 +200,14 @@ async def _embed(
     except APIError as exc:
         display.close()
         click.echo(f"error: {exc}", err=True)
-        click.echo(
-            f"progress is saved in {job_path(opts.output)}; fix the cause and run the same "
-            "command again to continue.",
-            err=True,
-        )
+        if job_path(opts.output).exists():
+            click.echo(
+                f"progress is saved in {job_path(opts.output)}; fix the cause and run the same "
+                "command again to continue.",
+                err=True,
+            )
+        else:
+            click.echo("nothing was embedded; fix the cause and run the command again.", err=True)
         return EXIT_API_ERROR
     except TogembedError as exc:
         display.close()

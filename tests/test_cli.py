@@ -1,0 +1,853 @@
+"""End-to-end tests of ``togembed embed`` against a fake Together server in another process.
+
+Every test checks exact rows: the ids of the input, in input order, each once, with exactly the
+vector the fake server gives that text (``fake_embeddings``). Fast cases run the command in
+process (click's CliRunner); kill and Ctrl-C run it as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+from togembed import cli as cli_module
+from togembed._corpus import npy_ids_path
+from togembed._job import _Writer, failures_path
+from togembed._jobstore import JobStore, job_path, text_hash
+from togembed.testing import fake_embeddings
+
+DIM = 32
+MODEL = "BAAI/bge-base-en-v1.5"
+# Long enough that a kill halfway through a round trip stays clear of the few ms after each
+# answer (when it is not yet committed), even on a loaded machine.
+WAVE_LATENCY = 0.1
+# The tests never need a real key; make sure one from the environment changes nothing.
+_CLEAN_ENV = {"TOGETHER_API_KEY": None, "TOGETHER_BASE_URL": None}
+
+
+# -- a fake server in another process --------------------------------------------------------------
+
+
+class Server:
+    """``python -m togembed._fakeserver`` in a subprocess; ``stats()`` reads its GET /stats."""
+
+    def __init__(self, *args: str, dim: int = DIM, latency: float = 0.0) -> None:
+        cmd = [sys.executable, "-m", "togembed._fakeserver", "--port", "0", "--dim", str(dim)]
+        cmd += ["--latency", str(latency), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        if line[:1] != ["READY"]:
+            self.close()
+            raise RuntimeError(f"fake server did not start: {line}")
+        self.url = line[1]
+        self.root = self.url.removesuffix("/v1")
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.root}/stats", timeout=10) as r:
+            return orjson.loads(r.read())
+
+    def inputs(self) -> int:
+        return int(self.stats()["inputs"])
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.root}/stats/reset", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def _shared_server() -> Iterator[Server]:
+    server = Server(latency=0.002)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def server(_shared_server: Server) -> Server:
+    """A fast server, shared by the tests of this module, with its counters zeroed."""
+    _shared_server.reset()
+    return _shared_server
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[Server]:
+    """50 ms per request: a job of a few thousand texts lasts long enough to be stopped."""
+    server = Server(latency=0.05)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def wave_server() -> Iterator[Server]:
+    """WAVE_LATENCY per request: requests go out in waves, with time to kill between them."""
+    server = Server(latency=WAVE_LATENCY)
+    yield server
+    server.close()
+
+
+# -- running the command ---------------------------------------------------------------------------
+
+
+def invoke(*args: object, env: dict[str, str | None] | None = None) -> Result:
+    """``togembed embed ARGS`` in this process (stderr is not a terminal, as under CI)."""
+    return CliRunner().invoke(
+        cli_module.cli,
+        ["embed", *(str(a) for a in args)],
+        env={**_CLEAN_ENV, **(env or {})},
+        catch_exceptions=False,
+    )
+
+
+def subprocess_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _CLEAN_ENV}
+
+
+def embed_cmd(*args: object) -> list[str]:
+    return [sys.executable, "-m", "togembed", "embed", *(str(a) for a in args)]
+
+
+def run(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``togembed embed ARGS`` as a real process, stderr captured (a pipe: not a terminal)."""
+    return subprocess.run(
+        embed_cmd(*args), capture_output=True, text=True, env=subprocess_env(), timeout=timeout
+    )
+
+
+def wait_for_inputs(server: Server, proc: subprocess.Popen[Any], at_least: int) -> int:
+    """Poll the server until it has received ``at_least`` inputs; the job must still run."""
+    deadline = time.monotonic() + 30
+    while (seen := server.inputs()) < at_least:
+        assert proc.poll() is None, "the job ended before it could be stopped"
+        assert time.monotonic() < deadline, f"only {seen} inputs after 30 s"
+        time.sleep(0.005)
+    return seen
+
+
+# -- corpora ---------------------------------------------------------------------------------------
+
+
+def make_texts(n: int, prefix: str = "document") -> list[str]:
+    words = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
+    return [f"{prefix} {i}: " + " ".join(words[: 1 + i % len(words)]) for i in range(n)]
+
+
+def write_txt(path: Path, texts: Sequence[str]) -> Path:
+    path.write_text("".join(f"{t}\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, ids: Sequence[Any], texts: Sequence[str]) -> Path:
+    path.write_bytes(
+        b"".join(
+            orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in zip(ids, texts, strict=True)
+        )
+    )
+    return path
+
+
+def job_rows(output: Path) -> int:
+    """Vectors committed in a job file (its process must have ended)."""
+    conn = sqlite3.connect(job_path(output))
+    try:
+        return int(conn.execute("SELECT count(*) FROM vectors").fetchone()[0])
+    finally:
+        conn.close()
+
+
+# -- reading outputs -------------------------------------------------------------------------------
+
+
+def read_output(path: Path) -> tuple[list[str], np.ndarray]:
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        assert table.column_names == ["id", "embedding"]
+        assert table.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+        ids = table.column("id").to_pylist()
+        flat = table.column("embedding").combine_chunks().flatten().to_numpy()
+        return ids, flat.reshape(len(ids), DIM)
+    if path.suffix == ".npy":
+        vectors = np.load(path)
+        lines = npy_ids_path(path).read_text(encoding="utf-8").split("\n")
+        assert lines[-1] == ""  # every id ends with a newline
+        return lines[:-1], vectors
+    rows = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return [r["id"] for r in rows], np.array([r["embedding"] for r in rows], dtype=np.float32)
+
+
+def assert_rows(path: Path, ids: Sequence[str], texts: Sequence[str]) -> None:
+    """The output holds exactly ``ids`` in this order, each once, with the vector of its text."""
+    got_ids, vectors = read_output(path)
+    assert len(got_ids) == len(ids)
+    assert len(set(got_ids)) == len(got_ids), "an id appears twice"
+    assert got_ids == list(ids)
+    assert vectors.dtype == np.float32
+    assert vectors.shape == (len(ids), DIM)
+    np.testing.assert_array_equal(vectors, fake_embeddings(texts, DIM))
+
+
+def txt_ids(n: int) -> list[str]:
+    return [str(i) for i in range(1, n + 1)]
+
+
+# -- 1. SIGKILL and resume -------------------------------------------------------------------------
+
+
+def test_sigkill_halfway_then_rerun_pays_only_for_what_was_in_flight(
+    tmp_path: Path, wave_server: Server
+) -> None:
+    n, batch, conc = 4000, 50, 4
+    texts = make_texts(n)
+    src = write_txt(tmp_path / "corpus.txt", texts)
+    out = tmp_path / "vectors.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", wave_server.url)
+    args += ("--batch-size", batch, "--concurrency", conc)
+    wave_server.reset()
+
+    with open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen(embed_cmd(*args), stderr=err, env=subprocess_env())
+        try:
+            wait_for_inputs(wave_server, proc, n // 2)
+            # Requests go out in waves: those that cross the half are just sent. Kill halfway
+            # through their round trip, when the answers before them have had ample time to be
+            # committed (a commit takes a few ms) and only they are in flight. (A kill in the
+            # few ms between an answer and its commit also loses that answer: the stream frees
+            # a request slot when the answer arrives, before the job records it.)
+            time.sleep(WAVE_LATENCY / 2)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # the output appears only when the job is complete
+    committed = job_rows(out)
+    paid_first = wave_server.inputs()
+    assert 0 < committed < n
+    # Lost to the kill: what was in flight, at most `concurrency` batches.
+    assert paid_first - committed <= conc * batch
+
+    second = run(*args)
+    assert second.returncode == 0, second.stderr
+    assert "Traceback" not in second.stderr
+    assert_rows(out, txt_ids(n), texts)
+    paid_total = wave_server.inputs()
+    assert paid_total - paid_first == n - committed  # the rerun sent exactly what was missing
+    assert paid_total <= n + conc * batch
+
+
+async def test_rows_answered_during_a_commit_are_committed_without_waiting_for_more(
+    tmp_path: Path,
+) -> None:
+    """The group commit behind the bound above: rows queued while a commit runs are committed
+    right after it, not when the next answer happens to arrive (a whole round trip later)."""
+    writer = _Writer()
+    writer.store = JobStore.open(tmp_path / "j.sqlite", meta={})
+    try:
+        vectors = fake_embeddings(["a", "b", "c"], DIM)
+        hashes = [text_hash(t) for t in "abc"]
+        await writer.add_batch([0], ["a"], vectors[:1], hashes[:1])  # starts a commit
+        await writer.add_batch([1, 2], ["b", "c"], vectors[1:], hashes[1:])  # queued behind it
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if (await writer.call(writer.store.counts)).done == 3:
+                break
+        assert (await writer.call(writer.store.counts)).done == 3
+    finally:
+        await writer.drain()
+        writer.close()
+
+
+# -- 2. Ctrl-C -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_one_ctrl_c_finishes_in_flight_exits_130_and_the_rerun_completes(
+    tmp_path: Path, slow_server: Server, sig: signal.Signals
+) -> None:
+    n = 3000
+    texts = make_texts(n, "note")
+    src = write_jsonl(tmp_path / "notes.jsonl", [f"n{i}" for i in range(n)], texts)
+    out = tmp_path / "notes.npy"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", slow_server.url, "--id-field", "id")
+    args += ("--batch-size", 50, "--concurrency", 4)
+    slow_server.reset()
+
+    proc = subprocess.Popen(
+        embed_cmd(*args), stderr=subprocess.PIPE, text=True, env=subprocess_env()
+    )
+    try:
+        wait_for_inputs(slow_server, proc, n // 3)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 130, stderr
+    assert "stopping: finishing requests in flight" in stderr
+    assert "run the same command again to continue" in stderr
+    assert "Traceback" not in stderr
+    stats = slow_server.stats()
+    assert stats["disconnects"] == 0  # nothing in flight was abandoned ...
+    assert stats["in_flight"] == 0
+    assert stats["status_counts"] == {"200": stats["requests"]}
+    assert job_rows(out) == stats["inputs"] < n  # ... and everything answered was saved
+    assert not out.exists()
+    assert not npy_ids_path(out).exists()
+
+    second = run(*args)
+    assert second.returncode == 0, second.stderr
+    assert_rows(out, [f"n{i}" for i in range(n)], texts)
+    assert slow_server.inputs() == n  # nothing was paid for twice
+
+
+def test_a_second_ctrl_c_abandons_what_is_in_flight_and_keeps_what_was_saved(
+    tmp_path: Path, wave_server: Server
+) -> None:
+    n, batch, conc = 3000, 50, 4
+    texts = make_texts(n, "abandon")
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.jsonl"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", wave_server.url)
+    args += ("--batch-size", batch, "--concurrency", conc)
+    wave_server.reset()
+
+    proc = subprocess.Popen(
+        embed_cmd(*args), stderr=subprocess.PIPE, text=True, env=subprocess_env()
+    )
+    try:
+        wait_for_inputs(wave_server, proc, n // 3)
+        time.sleep(WAVE_LATENCY / 2)  # mid round trip, as in the SIGKILL test
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        first = [proc.stderr.readline() for _ in range(2)]  # a blank line, then the notice
+        assert first[1].startswith("stopping: finishing requests in flight"), first
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 130, stderr
+    assert "interrupted; progress saved in" in stderr
+    assert "Traceback" not in stderr
+    deadline = time.monotonic() + 5
+    while (stats := wave_server.stats())["disconnects"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stats["disconnects"] > 0  # the requests in flight were abandoned, not awaited
+    saved = job_rows(out)
+    assert 0 < stats["inputs"] - saved <= conc * batch
+    assert not out.exists()
+
+    second = run(*args)
+    assert second.returncode == 0, second.stderr
+    assert_rows(out, txt_ids(n), texts)
+    assert wave_server.inputs() <= n + conc * batch
+
+
+# -- 3. failures file, --retry-failed --------------------------------------------------------------
+
+
+def test_rejected_inputs_go_to_the_failures_file_and_retry_failed_completes(
+    tmp_path: Path, server: Server
+) -> None:
+    n = 600
+    ids = [f"doc-{i}" for i in range(n)]
+    bad = {i for i in range(n) if i % 53 == 7}
+    texts = [f"{t} POISON" if i in bad else t for i, t in enumerate(make_texts(n))]
+    src = write_jsonl(tmp_path / "docs.jsonl", ids, texts)
+    out = tmp_path / "docs.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--id-field", "id", "--batch-size", 40)
+    strict = Server("--reject-substring", "POISON")
+    try:
+        first = invoke(*args, "--base-url", strict.url)
+    finally:
+        strict.close()
+    assert first.exit_code == 3, first.stderr
+    assert "failed inputs and reasons" in first.stderr
+    good = [i for i in range(n) if i not in bad]
+    assert_rows(out, [ids[i] for i in good], [texts[i] for i in good])
+    failures = [orjson.loads(line) for line in failures_path(out).read_bytes().splitlines()]
+    assert [f["id"] for f in failures] == [ids[i] for i in sorted(bad)]
+    assert [f["position"] for f in failures] == sorted(bad)
+    assert all("400" in f["error"] and "invalid" in f["error"] for f in failures)
+
+    # A plain rerun does not pay for the failures again.
+    again = invoke(*args, "--base-url", server.url)
+    assert again.exit_code == 3
+    assert server.inputs() == 0
+
+    retried = invoke(*args, "--base-url", server.url, "--retry-failed")
+    assert retried.exit_code == 0, retried.stderr
+    assert_rows(out, ids, texts)
+    assert not failures_path(out).exists()
+    assert server.inputs() == len(bad)  # only the failed inputs were sent again
+
+
+# -- 4. dedup --------------------------------------------------------------------------------------
+
+
+def test_repeated_texts_are_sent_once_and_every_id_gets_its_vector(
+    tmp_path: Path, server: Server
+) -> None:
+    rng = np.random.default_rng(7)
+    unique = make_texts(150, "faq")
+    texts = [unique[k] for k in rng.integers(0, len(unique), 3000)]
+    src = write_txt(tmp_path / "dups.txt", texts)
+    out = tmp_path / "dups.jsonl"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", 16)
+    assert result.exit_code == 0, result.stderr
+    assert server.inputs() == len(set(texts))
+    assert_rows(out, txt_ids(len(texts)), texts)
+
+
+# -- 5. cache --------------------------------------------------------------------------------------
+
+
+def test_cache_lets_a_second_job_over_the_same_texts_send_nothing(
+    tmp_path: Path, server: Server
+) -> None:
+    texts = make_texts(700, "cached")
+    cache = tmp_path / "cache.sqlite"
+    first_src = write_txt(tmp_path / "a.txt", texts)
+    first = invoke(
+        first_src,
+        "-o",
+        tmp_path / "a.parquet",
+        "-m",
+        MODEL,
+        "--base-url",
+        server.url,
+        "--cache",
+        cache,
+    )
+    assert first.exit_code == 0, first.stderr
+    assert server.inputs() == len(texts)
+
+    # Other job, other format, other order and ids, same texts: all from the cache.
+    order = list(reversed(range(len(texts))))
+    ids = [f"r{k}" for k in order]
+    second_src = write_jsonl(tmp_path / "b.jsonl", ids, [texts[k] for k in order])
+    out = tmp_path / "b.npy"
+    second = invoke(
+        second_src,
+        "-o",
+        out,
+        "-m",
+        MODEL,
+        "--base-url",
+        server.url,
+        "--cache",
+        cache,
+        "--id-field",
+        "id",
+    )
+    assert second.exit_code == 0, second.stderr
+    assert server.inputs() == len(texts)  # nothing more
+    assert f"{len(texts):,} from cache" in second.stderr
+    assert_rows(out, ids, [texts[k] for k in order])
+
+    # Another model is another cache entry.
+    server.reset()
+    third = invoke(
+        first_src,
+        "-o",
+        tmp_path / "c.parquet",
+        "-m",
+        "BAAI/bge-large-en-v1.5",
+        "--base-url",
+        server.url,
+        "--cache",
+        cache,
+    )
+    assert third.exit_code == 0, third.stderr
+    assert server.inputs() == len(texts)
+
+
+# -- 6. formats ------------------------------------------------------------------------------------
+
+
+def _write_input(kind: str, tmp_path: Path, texts: list[str]) -> tuple[Path, list[str], list[str]]:
+    """An input of ``kind``, the options it needs, and the ids the output must have."""
+    n = len(texts)
+    if kind == "txt":
+        return write_txt(tmp_path / "in.txt", texts), [], txt_ids(n)
+    if kind == "jsonl":  # integer ids come out as decimal strings
+        ids = [1000 + 3 * i for i in range(n)]
+        path = write_jsonl(tmp_path / "in.jsonl", ids, texts)
+        return path, ["--id-field", "id"], [str(i) for i in ids]
+    if kind == "csv":  # other column names, quoted commas, quotes and line breaks in texts
+        path = tmp_path / "in.csv"
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["doc_id", "lang", "body"])
+            w.writerows([f"d{i}", "en", t] for i, t in enumerate(texts))
+        return path, ["--id-field", "doc_id", "--text-field", "body"], [f"d{i}" for i in range(n)]
+    path = tmp_path / "in.parquet"
+    table = pa.table({"key": [f"p{i}" for i in range(n)], "text": texts})
+    pq.write_table(table, path, row_group_size=100)
+    return path, ["--id-field", "key"], [f"p{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv", "parquet"])
+def test_input_formats(tmp_path: Path, server: Server, kind: str) -> None:
+    texts = make_texts(250)
+    if kind != "txt":  # one text per line there
+        texts[3] = 'a text with "quotes", commas,\nand a line break'
+    texts[5] = "unicode: café ☕ 日本語"
+    src, opts, ids = _write_input(kind, tmp_path, texts)
+    out = tmp_path / "out.parquet"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url, *opts)
+    assert result.exit_code == 0, result.stderr
+    assert_rows(out, ids, texts)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+def test_output_formats(tmp_path: Path, server: Server, suffix: str) -> None:
+    texts = make_texts(300)
+    ids = [f"id {i} é" for i in range(len(texts))]
+    src = write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    out = tmp_path / f"out{suffix}"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url, "--id-field", "id")
+    assert result.exit_code == 0, result.stderr
+    assert f"wrote {out}" in result.stderr
+    assert_rows(out, ids, texts)
+    # Rerunning a finished job pays nothing and writes the same file.
+    server.reset()
+    again = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url, "--id-field", "id")
+    assert again.exit_code == 0, again.stderr
+    assert server.inputs() == 0
+    assert_rows(out, ids, texts)
+
+
+# -- 7. budgets ------------------------------------------------------------------------------------
+
+
+def test_max_tokens_stops_with_exit_4_and_a_rerun_completes_exactly(
+    tmp_path: Path, server: Server
+) -> None:
+    texts = make_texts(1000)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", 20)
+    first = invoke(*args, "--max-tokens", 500)
+    assert first.exit_code == 4, first.stderr
+    assert "budget reached" in first.stderr
+    assert "run the same command again" in first.stderr
+    assert not out.exists()
+    sent = server.inputs()
+    assert 0 < sent < len(texts) // 2
+    assert job_rows(out) == sent  # a budget stop saves everything it paid for
+
+    second = invoke(*args)
+    assert second.exit_code == 0, second.stderr
+    assert_rows(out, txt_ids(len(texts)), texts)
+    assert server.inputs() == len(texts)
+
+
+def test_deadline_zero_sends_nothing_and_a_long_deadline_finishes(
+    tmp_path: Path, server: Server
+) -> None:
+    texts = make_texts(200)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.npy"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    first = invoke(*args, "--deadline", "0s")
+    assert first.exit_code == 4, first.stderr
+    assert server.inputs() == 0
+    second = invoke(*args, "--deadline", "1h30m")
+    assert second.exit_code == 0, second.stderr
+    assert_rows(out, txt_ids(len(texts)), texts)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("1.5", 1.5),
+        ("15m", 900),
+        ("2h", 7200),
+        ("2h30m", 9000),
+        ("1h2m3s", 3723),
+        (" 45m ", 2700),
+        ("0", 0),
+    ],
+)
+def test_deadline_parsing(text: str, seconds: float) -> None:
+    assert cli_module._seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "s", "m", "abc", "10 minutes", "-5", "1d", "5m2h", "1.2.3"])
+def test_bad_deadline_is_a_usage_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(click.BadParameter):
+        cli_module._seconds(text)
+    src = write_txt(tmp_path / "in.txt", ["x"])
+    result = invoke(
+        src,
+        "-o",
+        tmp_path / "o.parquet",
+        "-m",
+        MODEL,
+        "--deadline",
+        text,
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+    )
+    assert result.exit_code == 2
+    assert "Invalid value for '--deadline'" in result.stderr
+    assert "is not a duration like" in result.stderr
+    assert not job_path(tmp_path / "o.parquet").exists()
+
+
+# -- 8. errors -------------------------------------------------------------------------------------
+
+
+def test_unknown_model_is_exit_1_with_a_clear_message(tmp_path: Path) -> None:
+    src = write_txt(tmp_path / "in.txt", make_texts(50))
+    out = tmp_path / "out.parquet"
+    picky = Server("--models", MODEL)
+    try:
+        result = invoke(src, "-o", out, "-m", "no-such/model", "--base-url", picky.url)
+        assert picky.stats()["status_counts"] == {"404": 1}  # gave up at once, no retries
+        assert result.exit_code == 1, result.stderr
+        assert "error: HTTP 404: Unable to access model no-such/model" in result.stderr
+        assert "nothing was embedded; fix the cause and run the command again" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not out.exists()
+        # Nothing was paid for, so no job is left behind to refuse the corrected command.
+        assert not job_path(out).exists()
+        fixed = invoke(src, "-o", out, "-m", MODEL, "--base-url", picky.url)
+    finally:
+        picky.close()
+    assert fixed.exit_code == 0, fixed.stderr
+    assert_rows(out, txt_ids(50), make_texts(50))
+
+
+def test_an_api_error_midway_keeps_the_progress(tmp_path: Path, server: Server) -> None:
+    texts = make_texts(500)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", 50)
+    # Two requests answered as usual, then a 401 (not retried).
+    req = urllib.request.Request(
+        f"{server.root}/faults", data=b'["slow:0", "slow:0", "401"]', method="POST"
+    )
+    urllib.request.urlopen(req, timeout=10).close()
+    first = invoke(*args, "--concurrency", 1)
+    assert first.exit_code == 1, first.stderr
+    assert "error: HTTP 401: Invalid API key provided" in first.stderr
+    assert f"progress is saved in {job_path(out)}" in first.stderr
+    assert job_rows(out) == 100
+    paid_first = server.inputs()
+    # The two saved batches, the refused one, and at most `concurrency` (1) batch in flight.
+    assert paid_first <= 100 + 50 + 50
+    second = invoke(*args)
+    assert second.exit_code == 0, second.stderr
+    assert "500 of 500 inputs done (400 this run" in second.stderr
+    assert_rows(out, txt_ids(len(texts)), texts)
+    assert server.inputs() - paid_first == 400  # the rerun sent exactly what was missing
+
+
+def test_missing_api_key_for_a_remote_server_is_exit_2_before_any_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_client(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a client was created without an API key")
+
+    monkeypatch.setattr(cli_module, "AsyncClient", no_client)
+    src = write_txt(tmp_path / "in.txt", ["hello"])
+    out = tmp_path / "out.parquet"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", "https://api.together.xyz/v1")
+    assert result.exit_code == 2
+    assert "no API key" in result.stderr
+    assert "export TOGETHER_API_KEY=" in result.stderr
+    assert not job_path(out).exists()
+    # The default base URL is Together's: the same without --base-url.
+    assert invoke(src, "-o", out, "-m", MODEL).exit_code == 2
+
+
+def test_missing_api_key_as_a_real_process(tmp_path: Path) -> None:
+    src = write_txt(tmp_path / "in.txt", ["hello"])
+    result = run(
+        src, "-o", tmp_path / "o.npy", "-m", MODEL, "--base-url", "https://api.together.xyz/v1"
+    )
+    assert result.returncode == 2
+    assert "TOGETHER_API_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "output", "message"),
+    [
+        ("missing.txt", "o.parquet", "does not exist"),
+        ("in.xml", "o.parquet", "must end in .txt"),
+        ("in.txt", "o.csv", "must end in .parquet"),
+    ],
+)
+def test_bad_paths_are_usage_errors(
+    tmp_path: Path, server: Server, name: str, output: str, message: str
+) -> None:
+    for existing in ("in.xml", "in.txt"):
+        write_txt(tmp_path / existing, ["x"])
+    result = invoke(tmp_path / name, "-o", tmp_path / output, "-m", MODEL, "--base-url", server.url)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert server.inputs() == 0
+
+
+def test_bad_input_records_are_usage_errors_before_anything_is_paid(
+    tmp_path: Path, server: Server
+) -> None:
+    out = tmp_path / "o.parquet"
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "a"}\n{"text": oops}\n', encoding="utf-8")
+    result = invoke(bad_json, "-o", out, "-m", MODEL, "--base-url", server.url)
+    assert result.exit_code == 2
+    assert "bad.jsonl, line 2: invalid JSON" in result.stderr
+
+    dup = write_jsonl(tmp_path / "dup.jsonl", ["a", "b", "a"], ["x", "y", "z"])
+    result = invoke(
+        dup, "-o", tmp_path / "d.parquet", "-m", MODEL, "--base-url", server.url, "--id-field", "id"
+    )
+    assert result.exit_code == 2
+    assert "id 'a' appears twice" in result.stderr
+    assert server.inputs() == 0
+    assert "Traceback" not in result.stderr
+
+
+def test_changing_the_model_of_a_started_job_asks_for_restart(
+    tmp_path: Path, server: Server
+) -> None:
+    texts = make_texts(300)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "--base-url", server.url, "--batch-size", 10)
+    assert invoke(*args, "-m", MODEL, "--max-tokens", 100).exit_code == 4
+    sent = server.inputs()
+
+    other = "BAAI/bge-large-en-v1.5"
+    result = invoke(*args, "-m", other)
+    assert result.exit_code == 2
+    assert "--restart" in result.stderr
+    assert "model" in result.stderr
+    assert server.inputs() == sent
+    assert not out.exists()
+
+    restarted = invoke(*args, "-m", other, "--restart")
+    assert restarted.exit_code == 0, restarted.stderr
+    assert server.inputs() == sent + len(texts)  # started over
+    assert_rows(out, txt_ids(len(texts)), texts)
+
+
+def test_a_job_run_by_another_process_is_refused(tmp_path: Path, slow_server: Server) -> None:
+    texts = make_texts(2000)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", slow_server.url, "--batch-size", 50)
+    slow_server.reset()
+    proc = subprocess.Popen(embed_cmd(*args), stderr=subprocess.DEVNULL, env=subprocess_env())
+    try:
+        wait_for_inputs(slow_server, proc, 1)
+        result = invoke(*args)
+        assert result.exit_code == 2
+        assert "in use by another togembed process" in result.stderr
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert_rows(out, txt_ids(len(texts)), texts)
+
+
+def test_help_lists_examples_and_exit_codes() -> None:
+    result = CliRunner().invoke(cli_module.cli, ["embed", "--help"])
+    assert result.exit_code == 0
+    assert "Examples:" in result.output
+    assert "togembed embed docs.jsonl -o vectors.parquet" in result.output
+    assert "130 interrupted" in result.output
+    top = CliRunner().invoke(cli_module.cli, ["--help"])
+    assert top.exit_code == 0
+    assert "embed" in top.output
+    # Without arguments, help rather than an error.
+    bare = CliRunner().invoke(cli_module.cli, ["embed"])
+    assert "Examples:" in bare.output
+
+
+# -- 9. progress without a terminal ----------------------------------------------------------------
+
+
+def test_progress_is_plain_lines_and_a_summary_when_stderr_is_not_a_tty(
+    tmp_path: Path, server: Server
+) -> None:
+    n = 1000
+    texts = make_texts(n)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    result = run(src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", 100)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr  # no bar, no escapes
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("1,000/1,000 texts, ") and "ETA 0 s" in line for line in lines)
+    assert "1,000 of 1,000 inputs done (1,000 this run in" in result.stderr
+    assert "1,000 embedded, 0 duplicates, 0 from cache; 0 failed" in result.stderr
+    assert "10 requests, 0 retries, 0 rate-limited" in result.stderr
+    assert f"wrote {out}" in result.stderr
+    assert_rows(out, txt_ids(n), texts)
+
+
+def test_progress_lines_come_at_each_interval(
+    tmp_path: Path, slow_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_module._Display, "INTERVAL", 0.1)
+    texts = make_texts(1500)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    result = invoke(
+        src,
+        "-o",
+        out,
+        "-m",
+        MODEL,
+        "--base-url",
+        slow_server.url,
+        "--batch-size",
+        50,
+        "--concurrency",
+        4,
+    )
+    assert result.exit_code == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if "texts/s" in line]
+    assert len(progress) >= 3
+    done = [int(line.split("/")[0].replace(",", "")) for line in progress]
+    assert done == sorted(done) and done[-1] == len(texts)
+
+
+def test_quiet_prints_only_the_summary(tmp_path: Path, server: Server) -> None:
+    src = write_txt(tmp_path / "in.txt", make_texts(100))
+    result = invoke(src, "-o", tmp_path / "o.parquet", "-m", MODEL, "--base-url", server.url, "-q")
+    assert result.exit_code == 0
+    assert "texts/s" not in result.stderr
+    assert "100 of 100 inputs done" in result.stderr
+    assert result.stdout == ""
