@@ -206,7 +206,8 @@ def bench_memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         out = work / f"short{n}.parquet"
         _clean(work, out)
         server = _server(args)
-        job = Path(f"{out}.togembed-job.sqlite")
+        # The job's SQLite file and its vectors file.
+        job_files = [Path(f"{out}.togembed-job.sqlite"), Path(f"{out}.togembed-job.vectors")]
         try:
             res = measure(embed_cmd(src, out, server.base_url), timeout=args.timeout, cwd=work)
             res["requests"] = server.stats().get("requests")
@@ -220,7 +221,7 @@ def bench_memory(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
             res["rows"] = pq.ParquetFile(out).metadata.num_rows
             res["output_mb"] = out.stat().st_size / 2**20
-            res["job_mb"] = job.stat().st_size / 2**20 if job.exists() else None
+            res["job_mb"] = sum(f.stat().st_size for f in job_files if f.exists()) / 2**20
         results.append(res)
         print(
             f"[memory] n={n} wall={res['wall_s']:.1f}s rc={res['rc']} "
@@ -271,7 +272,7 @@ def speed_table(results: list[dict[str, Any]]) -> str:
 
 def memory_table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| texts | ok | wall s | texts/s | peak RSS MB | CPU s | output MB | job file MB |",
+        "| texts | ok | wall s | texts/s | peak RSS MB | CPU s | output MB | job files MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -3,13 +3,18 @@ dedup) and the cross-run vector cache."""
 
 from __future__ import annotations
 
+import json
+import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,6 +32,7 @@ from togembed._jobstore import (
     cache_key,
     job_path,
     text_hash,
+    vectors_path,
 )
 
 META = {"model": "m1", "options": "float", "input": "/data/c.txt", "size": 10, "mtime": 1.5}
@@ -100,6 +106,70 @@ def test_export_from_the_store(store: JobStore, tmp_path: Path) -> None:
     assert table.column("embedding").to_pylist()[3] == [3.0] * DIM
 
 
+def test_rows_are_stored_alike_by_both_insert_paths(store: JobStore) -> None:
+    """Text hashes go in one statement (JSON), other hashes row by row: same rows either way,
+    numpy positions and any Unicode id included."""
+    ids = ["é", "☃ snow", '"quoted"\n', "x" * 300]
+    store.record_batch(
+        np.arange(4), ids, vecs_for([0, 1, 2, 3]), hashes=[text_hash(i) for i in ids]
+    )
+    store.record_batch([4, 5], ["short-a", "short-b"], vecs_for([4, 5]), hashes=[b"a", b"bb"])
+    rows = list(store.iter_rows())
+    assert [rid for rid, _ in rows] == [*ids, "short-a", "short-b"]
+    np.testing.assert_array_equal(np.stack([v for _, v in rows]), vecs_for(list(range(6))))
+    assert store.lookup_texts([text_hash("☃ snow"), b"bb", b"a"]) == {
+        text_hash("☃ snow"): 1,
+        b"bb": 5,
+        b"a": 4,
+    }
+    with pytest.raises(DuplicateIdError, match="id 'é' appears twice"):
+        store.record_batch([6], ["é"], vecs_for([6]), hashes=[text_hash("other")])
+
+
+def test_a_batch_may_come_in_parts(store: JobStore, path: Path) -> None:
+    """Several answered batches recorded together: their arrays are written one after the
+    other, not joined first."""
+    parts = [vecs_for([0, 1]), vecs_for([2]).astype(np.float64), vecs_for([3, 4, 5])[::2]]
+    store.record_batch(
+        [0, 1, 2, 3, 5], [f"id{p}" for p in (0, 1, 2, 3, 5)], parts, hashes=[b"h"] * 5
+    )
+    rows = dict(store.iter_rows())
+    assert {k: v[0] for k, v in rows.items()} == {"id0": 0, "id1": 1, "id2": 2, "id3": 3, "id5": 5}
+    assert vectors_path(path).stat().st_size == 5 * DIM * 4
+    with pytest.raises(ValueError, match="do not match"):  # rows of two widths
+        store.record_batch(
+            [6, 7], ["a", "b"], [np.zeros((1, DIM)), np.zeros((1, 3))], hashes=[b"x"] * 2
+        )
+    with pytest.raises(ValueError, match="do not match"):
+        store.record_batch([6], ["a"], [np.zeros((1, DIM)), np.zeros((1, DIM))], hashes=[b"x"])
+    store.record_batch([6], ["a"], [[6.0] * DIM], hashes=[b"x"])  # a nested list is one array
+    assert store.counts().done == 6
+
+
+@pytest.mark.parametrize("syscall", ["pwritev", "pwrite"])
+def test_short_writes_are_continued(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch, syscall: str
+) -> None:
+    """The kernel may write less than asked: the rest follows, in place, with or without
+    pwritev (Windows has neither: seek and write)."""
+    real = getattr(os, syscall)
+
+    def at_most_40_bytes(fd: int, data: Any, offset: int) -> int:
+        if syscall == "pwritev":
+            first = memoryview(data[0])[:40]
+            return real(fd, [first], offset)
+        return real(fd, memoryview(data)[:40], offset)
+
+    if syscall == "pwrite":
+        monkeypatch.delattr(os, "pwritev", raising=False)
+    monkeypatch.setattr(os, syscall, at_most_40_bytes)
+    store.record_batch(
+        [0, 1, 2], ["a", "b", "c"], [vecs_for([0, 1]), vecs_for([2])], hashes=[b"h"] * 3
+    )
+    monkeypatch.undo()
+    assert [v.tolist() for _, v in store.iter_rows()] == [[float(p)] * DIM for p in range(3)]
+
+
 def test_batch_shape_and_dimension_are_checked(store: JobStore) -> None:
     with pytest.raises(ValueError, match="do not match"):
         store.record_batch([0, 1], ["a"], np.zeros((2, DIM)), hashes=[b"x", b"y"])
@@ -127,8 +197,10 @@ def test_meta_mismatch_names_the_field_and_the_way_out(path: Path) -> None:
 def test_delete_starts_over(path: Path) -> None:
     with JobStore.open(path, meta=META) as s:
         record(s, [0])
+    assert vectors_path(path).exists()
     JobStore.delete(path)
     assert not path.exists()
+    assert not vectors_path(path).exists()
     with JobStore.open(path, meta={**META, "model": "m2"}) as s:
         assert s.counts().done == 0
 
@@ -216,6 +288,14 @@ def test_register_ids_resumes_and_counts(
         store.register_ids([(0, "r0"), (2, "r2")])
 
 
+def test_register_ids_that_cannot_repeat_only_counts(store: JobStore) -> None:
+    assert store.register_ids(((p, str(p + 1)) for p in range(5)), unique=True) == 5
+    assert store.ids_total == 5
+    assert store.counts().ids == 0
+    with pytest.raises(ValueError, match="positions 0, 1, 2"):
+        store.register_ids([(1, "2")], unique=True)
+
+
 def test_record_batch_with_a_duplicate_id_records_nothing(store: JobStore) -> None:
     record(store, [0, 1])
     with pytest.raises(DuplicateIdError, match=r"id 'id1' appears twice.*records 2 and 4"):
@@ -268,6 +348,159 @@ def test_text_hash() -> None:
     assert len(text_hash("\ud800 lone surrogate")) == 16
 
 
+# -- the vectors file ---------------------------------------------------------------------------
+
+
+def committed_rows(s: JobStore) -> int:
+    return s._vec_rows()
+
+
+def test_vectors_live_in_a_file_beside_the_job_file(path: Path) -> None:
+    assert vectors_path(path) == path.with_name("out.parquet.togembed-job.vectors")
+    assert vectors_path("some/job.db") == Path("some/job.db.vectors")
+    with JobStore.open(path, meta=META) as s:
+        assert vectors_path(path).stat().st_size == 0
+        record(s, [3, 4])
+        record(s, [0])
+        s.record_duplicates([(7, "copy", 3)])  # no bytes: it points at row 0
+        assert committed_rows(s) == 3
+    raw = np.fromfile(vectors_path(path), dtype="<f4").reshape(-1, DIM)
+    np.testing.assert_array_equal(raw, vecs_for([3, 4, 0]))  # in the order recorded
+
+
+def test_garbage_past_the_committed_end_is_cut_off_on_reopen(path: Path) -> None:
+    with JobStore.open(path, meta=META) as s:
+        record(s, [0, 1])
+    committed = 2 * DIM * 4
+    # What a kill between a batch's write and its commit leaves: bytes nothing refers to
+    # (here a row and a half).
+    with open(vectors_path(path), "ab") as f:
+        f.write(np.full(DIM + DIM // 2, 99.0, dtype="<f4").tobytes())
+    assert vectors_path(path).stat().st_size > committed
+    with JobStore.open(path, meta=META) as s:
+        assert vectors_path(path).stat().st_size == committed
+        record(s, [2])  # lands at the committed end, where the garbage was
+        assert vectors_path(path).stat().st_size == committed + DIM * 4
+        rows = list(s.iter_rows())
+    assert [rid for rid, _ in rows] == ["id0", "id1", "id2"]
+    np.testing.assert_array_equal(np.stack([v for _, v in rows]), vecs_for([0, 1, 2]))
+
+
+def test_garbage_before_the_first_commit_is_cut_off(path: Path) -> None:
+    with JobStore.open(path, meta=META):
+        pass
+    vectors_path(path).write_bytes(b"\x07" * 1000)  # dim not even known yet
+    with JobStore.open(path, meta=META) as s:
+        assert vectors_path(path).stat().st_size == 0
+        record(s, [0])
+        assert [v.tolist() for _, v in s.iter_rows()] == [[0.0] * DIM]
+
+
+def test_a_batch_whose_commit_does_not_happen_is_never_referred_to(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes are written, then the commit is interrupted (as by Ctrl-C in the fsync):
+    the rows are absent, and the next batch goes where the lost one's bytes went."""
+    with JobStore.open(path, meta=META) as s:
+        record(s, [0])
+
+        def interrupted(fd: int) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_jobstore, "_datasync", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            record(s, [1, 2, 3])
+        monkeypatch.undo()
+        assert s.done_bitmap().tolist() == [True]
+        assert committed_rows(s) == 1
+        assert vectors_path(path).stat().st_size == 4 * DIM * 4  # written, not committed
+        record(s, [5])
+        assert dict((rid, v[0]) for rid, v in s.iter_rows()) == {"id0": 0.0, "id5": 5.0}
+    with JobStore.open(path, meta=META) as s:
+        assert vectors_path(path).stat().st_size == 2 * DIM * 4
+        assert s.counts().done == 2
+
+
+def test_a_failed_batch_writes_nothing(path: Path) -> None:
+    with JobStore.open(path, meta=META) as s:
+        record(s, [0])
+        with pytest.raises(ValueError, match="recorded twice"):
+            record(s, [1, 0])
+        assert vectors_path(path).stat().st_size == DIM * 4
+
+
+def test_vectors_lost_from_the_file_are_forgotten_and_embedded_again(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A power loss under synchronous=NORMAL can keep commits whose bytes never reached the
+    disk: those rows (and the duplicates pointing at them) are dropped, the rest is kept."""
+    with JobStore.open(path, meta=META, synchronous="NORMAL") as s:
+        record(s, [0, 1])
+        record(s, [2, 3])
+        s.record_duplicates([(4, "copy-of-3", 3), (5, "copy-of-0", 0)])
+    with open(vectors_path(path), "r+b") as f:
+        f.truncate(3 * DIM * 4 + 5)  # row 3 (position 3) lost, and a part of no row
+    with JobStore.open(path, meta=META) as s:
+        assert "holds 3 of the 4 vectors" in caplog.text
+        assert "2 inputs will be embedded again" in caplog.text
+        assert s.done_bitmap().tolist() == [True, True, True, False, False, True]
+        assert vectors_path(path).stat().st_size == 3 * DIM * 4
+        record(s, [3])
+        s.record_duplicates([(4, "copy-of-3", 3)])
+        rows = {rid: v[0] for rid, v in s.iter_rows()}
+    assert rows == {"id0": 0, "id1": 1, "id2": 2, "id3": 3, "copy-of-3": 3, "copy-of-0": 0}
+
+
+def test_a_job_of_the_old_format_asks_for_restart(path: Path) -> None:
+    """Format 1 kept the vectors in SQLite: refused with the way out, nothing touched."""
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE ids (pos INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE);
+        CREATE TABLE vectors (pos INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+                              hash BLOB NOT NULL, vector BLOB NOT NULL);
+        CREATE TABLE failures (pos INTEGER PRIMARY KEY, id TEXT NOT NULL, reason TEXT NOT NULL);
+        """
+    )
+    conn.execute("INSERT INTO meta VALUES ('schema', '1'), ('job', ?)", (json.dumps(META),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(JobMismatchError, match=r"job format 1, this one reads 2.*--restart"):
+        JobStore.open(path, meta=META)
+    assert not vectors_path(path).exists()
+    JobStore.delete(path)  # what --restart does
+    with JobStore.open(path, meta=META) as s:
+        record(s, [0])
+        assert s.counts().done == 1
+
+
+def test_iter_rows_reads_in_bounded_chunks(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows in another order than positions, duplicates pointing back, several chunks: every
+    vector right, and no allocation near the size of all vectors."""
+    monkeypatch.setattr(_jobstore, "_READ_BYTES", 64 * DIM * 4)  # 64 rows per chunk
+    n, batch = 6000, 50
+    starts = list(range(0, n, batch))
+    for start in starts[1::2] + starts[0::2]:  # odd batches first: rows out of position order
+        record(store, list(range(start, start + batch)))
+    store.record_duplicates([(n + k, f"dup{k}", (k * 7919) % n) for k in range(500)])
+    tracemalloc.start()
+    try:
+        seen = 0
+        for rid, vec in store.iter_rows():
+            assert not vec.flags.writeable
+            want = int(rid[2:]) if rid.startswith("id") else (int(rid[3:]) * 7919) % n
+            assert vec.tolist() == [float(want)] * DIM, rid
+            seen += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == n + 500
+    assert peak < (n + 500) * DIM * 4 / 4  # all vectors: ~104 KB; a chunk: 1 KB
+
+
 # -- SIGKILL in the middle of recording ----------------------------------------------------------
 
 CHILD = textwrap.dedent(
@@ -276,20 +509,27 @@ CHILD = textwrap.dedent(
     import numpy as np
     from togembed._jobstore import JobStore, text_hash
 
-    B, D = 64, 16
-    store = JobStore.open(sys.argv[1], meta={"model": "m"})
+    B, D, DUP = 1024, 384, 1 << 22
+    store = JobStore.open(sys.argv[1], meta={"model": "m"}, synchronous=sys.argv[2])
     done = store.done_bitmap()
     started = False
-    for start in range(0, 10_000_000, B):
+    for start in range(0, DUP, B):
         if start < len(done) and done[start]:
             continue
-        pos = list(range(start, start + B))
-        vecs = np.repeat(np.asarray(pos, dtype=np.float32)[:, None], D, axis=1)
+        pos = np.arange(start, start + B)
+        # Every row different and not all zeros: a row read from the wrong place, torn, or
+        # never written shows.
+        vecs = (pos[:, None] * D + np.arange(1, D + 1)[None, :]).astype(np.float32)
         store.record_batch(
-            pos, [f"id{p}" for p in pos], vecs, hashes=[text_hash(f"t{p}") for p in pos]
+            pos.tolist(),
+            [f"id{p}" for p in pos],
+            vecs,
+            hashes=[text_hash(f"t{p}") for p in pos],
         )
         if start % (3 * B) == 0:
             store.record_failures([(10_000_000 + start, f"f{start}", "reason")])
+        if start % (4 * B) == B:  # copies of every 8th row of this batch
+            store.record_duplicates([(DUP + p, f"dup{p}", p) for p in pos[::8].tolist()])
         if not started:
             print("recording", flush=True)
             started = True
@@ -297,39 +537,59 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_never_leaves_a_partial_batch(tmp_path: Path) -> None:
+def expected(positions: np.ndarray, dim: int) -> np.ndarray:
+    """The child's vectors of these positions."""
+    return (positions[:, None] * dim + np.arange(1, dim + 1)[None, :]).astype(np.float32)
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+def test_sigkill_never_leaves_a_partial_batch(tmp_path: Path, synchronous: str) -> None:
+    """Kill a process appending 1.5 MB batches as fast as it can, at a few instants: every
+    batch is fully stored or absent, every stored row reads back its own vector, and the
+    vectors file is cut back to exactly what the committed rows refer to."""
     path = tmp_path / "job.sqlite"
-    batch, dim = 64, 16
+    batch, dim, dup = 1024, 384, 1 << 22
+    row_bytes = 4 * dim
     previous = 0
-    for delay in (0.05, 0.2, 0.1):
+    for delay in (0.05, 0.3, 0.15, 0.1, 0.2):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", CHILD, str(path), synchronous],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert child.stdout is not None
         assert child.stdout.readline() == "recording\n"
         with pytest.raises(JobLockedError):  # another process cannot join a running job
             JobStore.open(path, meta={"model": "m"})
         time.sleep(delay)
-        child.kill()  # SIGKILL: no cleanup, no rollback, possibly mid-commit
+        child.kill()  # SIGKILL: no cleanup, no rollback, possibly mid-write or mid-commit
         child.wait()
         child.stdout.close()
 
         with JobStore.open(path, meta={"model": "m"}) as s:
             done = s.done_bitmap()
             counts = s.counts()
+            main, copies = done[:dup], done[dup:]
             # Every batch is fully stored or absent, and the count agrees.
-            blocks = done[: len(done) // batch * batch].reshape(-1, batch)
-            assert len(done) % batch == 0
+            assert len(main) % batch == 0
+            blocks = main.reshape(-1, batch)
             assert (blocks.all(axis=1) | ~blocks.any(axis=1)).all()
             assert counts.done == int(done.sum())
             assert counts.done > previous  # each run resumed and made progress
             previous = counts.done
-            n = 0
-            for rid, vec in s.iter_rows():
-                p = int(rid[2:])
-                np.testing.assert_array_equal(vec, np.full(dim, p, dtype=np.float32))
-                n += 1
-            assert n == counts.done
+            # Copies: a whole record_duplicates call or nothing, and only of stored rows.
+            for start in range(batch, len(main), 4 * batch):
+                group = copies[start : start + batch : 8]
+                assert group.all() or not group.any()
+                assert not group.any() or main[start]
+            # The file holds exactly the stored batches' rows: no garbage left, none missing.
+            assert vectors_path(path).stat().st_size == int(main.sum()) * row_bytes
+            rows = list(s.iter_rows())
+            assert len(rows) == counts.done
+            for k in range(0, len(rows), 4096):
+                part = rows[k : k + 4096]
+                p = np.asarray([int(rid[3:] if rid[0] == "d" else rid[2:]) for rid, _ in part])
+                np.testing.assert_array_equal(np.stack([v for _, v in part]), expected(p, dim))
             assert s.lookup_texts([text_hash("t0")]) == {text_hash("t0"): 0}
 
 

@@ -1,13 +1,16 @@
 """A corpus job: embed every record of an input file into an output file, durably.
 
-Every answer is recorded in the job store (SQLite, one transaction per group of batches) as it
-arrives, so a job killed at any moment and started again re-sends only what was in flight.
+Every answer is recorded in the job store (vectors appended to a file, their rows committed to
+SQLite, one transaction per group of batches) as it arrives, so a job killed at any moment and
+started again re-sends only what was in flight.
 Identical texts are sent once; a vector cache shared between jobs skips what any job already
 paid for; inputs the server rejects for good are recorded as failures and the job goes on.
 The output file is written (atomically) only when every input is embedded or failed.
 
 The store lives in one writer thread: the event loop never waits on the disk, except when the
-writes fall behind (then it stops pulling new texts: backpressure).
+writes fall behind (then it stops pulling new texts: backpressure). The input is read, hashed
+and looked up in the store a few blocks ahead of the texts being sent, in small steps between
+the loop's other work, so a request slot that frees up finds its texts ready.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -35,7 +39,9 @@ __all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
 
 T = TypeVar("T")
 
-_READ_BLOCK = 512  # records read, hashed and looked up together
+_READ_BLOCK = 1024  # records read, hashed and looked up together
+_READ_STEP = 1024  # records read between two turns of the event loop
+_BLOCKS_AHEAD = 2  # blocks read and looked up ahead of the one being sent
 _MAX_PENDING_WRITES = 16_384  # vectors waiting for the writer thread before we stop pulling
 
 JobStatus = Literal["complete", "failures", "budget", "interrupted"]
@@ -97,6 +103,18 @@ class JobResult:
     message: str = ""
 
 
+@attrs.frozen(eq=False)
+class _Block:
+    """Records read ahead, with their text hashes, cache keys, and the future of their store
+    and cache lookups (queued when the commit count was ``seq``)."""
+
+    seq: int
+    records: list[Record]
+    hashes: list[bytes]
+    keys: list[bytes] | None
+    lookup: asyncio.Future[tuple[dict[bytes, int], dict[bytes, np.ndarray]]]
+
+
 class _Writer:
     """The job store and cache, used only from one thread; group commits of queued batches."""
 
@@ -111,8 +129,12 @@ class _Writer:
         self.on_committed: Callable[[list[bytes]], None] = lambda hashes: None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue ``fn`` for the writer thread now (it runs after everything queued before)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+        return loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
 
     async def add_batch(
         self, positions: list[int], ids: list[str], vectors: np.ndarray, hashes: list[bytes]
@@ -147,7 +169,9 @@ class _Writer:
         positions = [p for g in groups for p in g[0]]
         ids = [i for g in groups for i in g[1]]
         hashes = [h for g in groups for h in g[3]]
-        vectors = np.concatenate([g[2] for g in groups]) if len(groups) > 1 else groups[0][2]
+        # The groups' arrays as they are: written with one pwritev, not joined (a copy of up to
+        # _MAX_PENDING_WRITES vectors).
+        vectors = [g[2] for g in groups]
         self.store.record_batch(positions, ids, vectors, hashes=hashes)
 
     async def drain(self) -> None:
@@ -260,7 +284,9 @@ class _Job:
         if opts.cache is not None:
             w.cache = await w.call(VectorCache.open, opts.cache)
         if store.ids_total is None:  # first run: every id checked before anything is paid
-            await w.call(store.register_ids, self._id_pairs())
+            # Line and row numbers cannot repeat: then the pass only counts (and reads every
+            # record, so a bad one still stops the job before anything is paid for).
+            await w.call(store.register_ids, self._id_pairs(), unique=opts.id_field is None)
         p.total = store.ids_total or 0
         if opts.retry_failed:
             await w.call(store.clear_failures)
@@ -291,69 +317,125 @@ class _Job:
             )
             if not done[r.pos] and r.pos not in failed
         )
+        texts = self._texts_to_send(records)
         stream = self.client.embed_stream(
-            self._texts_to_send(records),
-            model=self.opts.model,
-            window=self.opts.window,
-            errors="collect",
+            texts, model=self.opts.model, window=self.opts.window, errors="collect"
         )
-        async with _aclosing(stream):
-            async for chunk in stream:
-                await self._record_chunk(chunk.vectors, chunk.errors, chunk.start)
+        try:
+            async with _aclosing(stream):
+                async for chunk in stream:
+                    await self._record_chunk(chunk.vectors, chunk.errors, chunk.start)
+        finally:
+            # Stops its reader task now, not whenever the garbage collector gets to it.
+            await texts.aclose()
 
-    async def _texts_to_send(self, records: Iterator[Record]) -> AsyncIterator[str]:
-        """Yield the texts that need the API; record copies and cache hits on the way."""
-        while True:
-            block = [r for _, r in zip(range(_READ_BLOCK), records, strict=False)]
-            if not block:
-                return
-            hashes = [text_hash(r.text) for r in block]
-            # A row committed before the lookup is submitted is found by it (the writer thread
-            # runs commits and lookups in order); later ones are still in `recorded`.
-            seq = self.commit_seq
-            known = await self.w.call(self.w.store.lookup_texts, hashes)  # type: ignore[union-attr]
-            cached = await self._cache_lookup(block)
-            copies: list[tuple[int, str, int]] = []
-            hits: list[tuple[Record, bytes, np.ndarray]] = []
-            for r, h in zip(block, hashes, strict=True):
-                if h in known:
-                    copies.append((r.pos, r.id, known[h]))
-                elif h in self.recorded:
-                    copies.append((r.pos, r.id, self.recorded[h]))
-                elif h in self.in_flight_hash:
-                    self.waiting.setdefault(self.in_flight_hash[h], []).append((r.pos, r.id))
-                elif r.pos in cached:
-                    hits.append((r, h, cached[r.pos]))
-                else:
-                    if self._out_of_budget():
-                        return
-                    self.in_flight_hash[h] = r.pos
-                    key = self._cache_key(r.text) if self.w.cache is not None else None
-                    self.sent.append((r.pos, r.id, h, key))
-                    self.progress.tokens_sent += estimate_tokens(r.text)
-                    yield r.text
-            self._forget_committed(seq)
-            if copies:
-                await self.w.drain()  # sources recorded moments ago must be committed first
-                await self.w.call(self.w.store.record_duplicates, copies)  # type: ignore[union-attr]
-                self.progress.deduplicated += len(copies)
-            if hits:
-                await self.w.add_batch(
-                    [r.pos for r, _, _ in hits],
-                    [r.id for r, _, _ in hits],
-                    np.stack([v for _, _, v in hits]),
-                    [h for _, h, _ in hits],
+    async def _texts_to_send(self, records: Iterator[Record]) -> AsyncGenerator[str, None]:
+        """Yield the texts that need the API; record copies and cache hits on the way.
+
+        A reader task reads, hashes and looks up blocks ahead of this one (``_read_ahead``):
+        the stream never waits for a block to be read or for its lookups (queued behind a
+        commit and its fsyncs) when a request slot frees up."""
+        blocks: asyncio.Queue[_Block | BaseException | None] = asyncio.Queue(_BLOCKS_AHEAD)
+        reader = asyncio.ensure_future(self._read_ahead(records, blocks))
+        try:
+            while (item := await blocks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                known, found = await item.lookup
+                copies: list[tuple[int, str, int]] = []
+                hits: list[tuple[Record, bytes, np.ndarray]] = []
+                recorded, in_flight, sent = self.recorded, self.in_flight_hash, self.sent
+                keys = item.keys
+                for k, r in enumerate(item.records):
+                    h = item.hashes[k]
+                    key = keys[k] if keys is not None else None
+                    if h in known:
+                        copies.append((r.pos, r.id, known[h]))
+                    elif h in recorded:
+                        copies.append((r.pos, r.id, recorded[h]))
+                    elif h in in_flight:
+                        self.waiting.setdefault(in_flight[h], []).append((r.pos, r.id))
+                    elif key is not None and key in found:
+                        hits.append((r, h, found[key]))
+                    else:
+                        if self._out_of_budget():
+                            break
+                        in_flight[h] = r.pos
+                        sent.append((r.pos, r.id, h, key))
+                        self.progress.tokens_sent += estimate_tokens(r.text)
+                        yield r.text
+                await self._record_found(copies, hits)
+                if self.stopped_by is not None:
+                    return
+                self._forget_committed(item.seq)
+        finally:
+            reader.cancel()
+            while not blocks.empty():  # lookups no one will read
+                item = blocks.get_nowait()
+                if isinstance(item, _Block):
+                    if item.lookup.done() and not item.lookup.cancelled():
+                        item.lookup.exception()  # retrieved: no "never retrieved" warning
+                    item.lookup.cancel()
+
+    async def _read_ahead(
+        self, records: Iterator[Record], blocks: asyncio.Queue[_Block | BaseException | None]
+    ) -> None:
+        """Read, hash and look up blocks of records into ``blocks`` (then None, or the error
+        reading raised), a few records at a time: the event loop does it while it would wait
+        for answers. A lookup is queued in the writer thread as soon as its block is read; a
+        row committed before that is found by it (the writer thread runs commits and lookups
+        in order), later ones are still in `recorded`."""
+        store, cache = self.w.store, self.w.cache
+        assert store is not None
+        try:
+            while True:
+                block: list[Record] = []
+                hashes: list[bytes] = []
+                keys: list[bytes] | None = [] if cache is not None else None
+                while len(block) < _READ_BLOCK:
+                    step = list(itertools.islice(records, _READ_STEP))
+                    block += step
+                    hashes += [text_hash(r.text) for r in step]
+                    if keys is not None:
+                        keys += [self._cache_key(r.text) for r in step]
+                    if len(step) < _READ_STEP:
+                        break
+                    await asyncio.sleep(0)
+                if not block:
+                    break
+
+                def lookup(
+                    hashes: list[bytes] = hashes, keys: list[bytes] | None = keys
+                ) -> tuple[dict[bytes, int], dict[bytes, np.ndarray]]:
+                    known = store.lookup_texts(hashes)
+                    found = cache.get_many(keys) if cache is not None and keys else {}
+                    return known, found
+
+                await blocks.put(
+                    _Block(self.commit_seq, block, hashes, keys, self.w.submit(lookup))
                 )
-                self.progress.cached += len(hits)
-            self.on_progress(self.progress)
+        except Exception as exc:  # e.g. a bad record: raised where the texts reach it
+            await blocks.put(exc)
+        else:
+            await blocks.put(None)
 
-    async def _cache_lookup(self, block: list[Record]) -> dict[int, np.ndarray]:
-        cache = self.w.cache
-        if cache is None:
-            return {}
-        keys = [self._cache_key(r.text) for r in block]
-        found = await self.w.call(cache.get_many, keys)
-        return {r.pos: found[k] for r, k in zip(block, keys, strict=True) if k in found}
+    async def _record_found(
+        self, copies: list[tuple[int, str, int]], hits: list[tuple[Record, bytes, np.ndarray]]
+    ) -> None:
+        """Record a block's copies of stored texts and its cache hits."""
+        if copies:
+            await self.w.drain()  # sources recorded moments ago must be committed first
+            await self.w.call(self.w.store.record_duplicates, copies)  # type: ignore[union-attr]
+            self.progress.deduplicated += len(copies)
+        if hits:
+            await self.w.add_batch(
+                [r.pos for r, _, _ in hits],
+                [r.id for r, _, _ in hits],
+                np.stack([v for _, _, v in hits]),
+                [h for _, h, _ in hits],
+            )
+            self.progress.cached += len(hits)
+        self.on_progress(self.progress)
 
     def _cache_key(self, text: str) -> bytes:
         return cache_key(self.opts.model, self.cache_options, text)

@@ -1,47 +1,71 @@
 """Durable state of a corpus job, and a persistent vector cache shared by jobs. SQLite (stdlib).
 
-The job store is one file next to the output, ``<OUTPUT>.togembed-job.sqlite``:
+A job is two files next to the output:
 
-- ``meta``      what the job was started with (model, options, input identity): a resume with
-                other settings would mix vectors, so ``JobStore.open`` refuses it.
-- ``ids``       every input id at its position, filled by a cheap pre-pass over the input
-                (``register_ids``) so an id used twice stops the job before anything is paid for.
-- ``vectors``   pos (primary key), id (unique), text hash (indexed, for dedup), float32 bytes.
-- ``failures``  pos, id, reason: inputs that can never succeed; a later success removes them.
+- ``<OUTPUT>.togembed-job.sqlite`` (SQLite), the small bookkeeping:
 
-Durability. Every ``record_*`` call is one transaction: after a kill at any instant (SIGKILL,
-OOM, Ctrl-C) a batch is either fully stored or absent, never half. The journal is WAL with
-``synchronous=FULL`` by default: each commit is fsynced, so a power loss also keeps every batch
-that was recorded, and only the batches in flight are paid for again. ``synchronous="NORMAL"``
-skips that fsync (WAL is then synced only at checkpoints): still corruption-free and still
-kill-safe, but a power loss can roll back the last few MB of commits, paid for again on resume.
-FULL costs one fsync per call. Measured (this Linux VM's disk; batches of 128 x 768 float32): ~30k
-vectors/s on a fresh job and ~14k/s averaged over 1M vectors as the indexes grow (NORMAL: ~16k/s),
-so recording is not the bottleneck. On a disk with slow fsync, pass more rows per call.
+  - ``meta``      what the job was started with (model, options, input identity): a resume with
+                  other settings would mix vectors, so ``JobStore.open`` refuses it. Also ``dim``
+                  and ``vec_rows``, the committed length of the vectors file in rows.
+  - ``ids``       every input id at its position, filled by a cheap pre-pass over the input
+                  (``register_ids``) so an id used twice stops the job before anything is paid
+                  for.
+  - ``vectors``   pos (primary key), id (unique), text hash (indexed, for dedup), and ``row``:
+                  where the vector is in the vectors file. Duplicates share their source's row.
+  - ``failures``  pos, id, reason: inputs that can never succeed; a later success removes them.
+
+- ``<OUTPUT>.togembed-job.vectors``, the vectors: raw little-endian float32 rows of ``dim``,
+  append-only. Kept out of SQLite because pushing 3 KB blobs through it costs more CPU than the
+  rest of the job's bookkeeping together (~0.7 s per 20k x 768 vectors, vs ~0.05 s to write
+  them to a file).
+
+Durability. Every ``record_*`` call is one SQLite transaction: after a kill at any instant
+(SIGKILL, OOM, Ctrl-C) a batch is either fully stored or absent, never half. ``record_batch``
+first writes the rows' bytes at the committed end of the vectors file (one ``pwrite``), then
+commits their rows and the new ``vec_rows`` in one transaction; nothing refers to bytes past
+``vec_rows``, and ``open`` truncates the file to it (the garbage a kill between the two steps
+leaves behind). With ``synchronous=FULL`` (the default) the vectors file is fsynced before the
+commit, and the commit (WAL) is fsynced: a power loss also keeps every batch that was recorded,
+and only the batches in flight are paid for again. ``synchronous="NORMAL"`` skips both fsyncs
+(the WAL is then synced only at checkpoints): still kill-safe, but a power loss can roll back the
+last few MB of commits, paid for again on resume. A commit may then also outlive the vector
+bytes it refers to: ``open`` forgets (and the job re-embeds) rows past the end of a vectors file
+found shorter than ``vec_rows``, but a file system that keeps a file's new length and loses its
+new data (ext4's default ``data=ordered`` and XFS do not) would leave zeros there: use FULL if
+power losses matter. FULL costs two fsyncs per call. Measured (this Linux VM's disk; batches of
+512 x 768 float32, FULL): ~130k vectors/s on a fresh job, ~25k/s averaged over 1M vectors as
+the hash index grows (its random inserts, not the vectors, are then most of the cost), so
+recording is not the bottleneck. On a disk with slow fsync, pass more rows per call.
 
 Locking. A job is run by one process: the store holds SQLite's exclusive lock from ``open`` to
 ``close`` (released by the OS if the process dies), and a second process gets ``JobLockedError``
-at once instead of paying for the same inputs twice.
+at once instead of paying for the same inputs twice. The vectors file is only touched under that
+lock.
 
 Threads. Not async, not for concurrent use: call a store from one thread at a time. It may be
 opened in one thread (e.g. to report a ``JobMismatchError`` early) and then used only from a
 dedicated writer thread; the connection is made with ``check_same_thread=False`` for that.
 
-Memory. ``done_bitmap`` is one byte per position; ``iter_rows``, ``iter_failures`` and
-``register_ids`` stream through cursors in chunks; nothing holds all ids or vectors.
+Memory. ``done_bitmap`` is one byte per position; ``iter_rows`` reads the vectors file in
+chunks of 2 MB (``pread``, not a memory map: every mapped page read would count in RSS),
+``iter_failures`` and ``register_ids`` stream through cursors in chunks; nothing holds all ids or
+vectors.
 
-The cache (``VectorCache``) is a separate file the user names; its key is a hash of (model,
-options, text), so any job or corpus reuses what was paid for. Many processes may share it
-(WAL, busy timeout); it uses ``synchronous=NORMAL``, since losing its last entries to a power
+The cache (``VectorCache``) is a separate SQLite file the user names; its key is a hash of
+(model, options, text), so any job or corpus reuses what was paid for. Many processes may share
+it (WAL, busy timeout); it uses ``synchronous=NORMAL``, since losing its last entries to a power
 loss only costs re-embedding them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +73,7 @@ from typing import Any, Literal
 
 import attrs
 import numpy as np
+import orjson
 
 from ._exceptions import TogembedError
 
@@ -62,16 +87,38 @@ __all__ = [
     "cache_key",
     "job_path",
     "text_hash",
+    "vectors_path",
 ]
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("togembed")
+
+# The job format. 1: vectors as BLOBs in SQLite; 2: vectors in a file beside it.
+SCHEMA_VERSION = 2
+_CACHE_SCHEMA_VERSION = 1
 _JOB_SUFFIX = ".togembed-job.sqlite"
+_VECTORS_SUFFIX = ".vectors"
 _IN_CHUNK = 500  # host parameters per IN (...) query, far below SQLite's limit
 _READ_CHUNK = 1024
+_READ_BYTES = 2 << 20  # vector bytes iter_rows reads at a time
 _REGISTER_CHUNK = 50_000
-# Big pages hold several 3 KB vectors each (a 4 KB page holds one and wastes a quarter).
+_HASH_SIZE = 16  # bytes of a text hash
+# A batch's rows in one statement: (pos, id) pairs as a JSON array, the hashes concatenated.
+# (executemany releases and retakes the GIL at every row; with the event loop's thread busy,
+# each retake waits, and the loop waits for each release: measured, it cost the loop about
+# twice the time of this.)
+_INSERT_BATCH = (
+    "INSERT INTO vectors (pos, id, hash, row) "
+    "SELECT value ->> 0, value ->> 1, substr(?2, ?3 * key + 1, ?3), ?4 + key FROM json_each(?1)"
+)
+# Big pages hold several of the cache's 3 KB vectors each (a 4 KB page holds one and wastes a
+# quarter). The job file's rows are small, and its hash index takes inserts at random places:
+# a commit rewrites every page it touched, and smaller pages write less (measured over 1M rows
+# in batches of 512: 14% less CPU with 4 KB pages than with 16 KB).
 _PAGE_SIZE = 16384
+_JOB_PAGE_SIZE = 4096
 _MISSING = object()
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+_IOV_MAX = 1024  # buffers per pwritev (Linux's limit; a group commit has far fewer)
 
 _JOB_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -80,7 +127,7 @@ CREATE TABLE vectors (
     pos INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     hash BLOB NOT NULL,
-    vector BLOB NOT NULL
+    row INTEGER NOT NULL
 );
 CREATE INDEX vectors_hash ON vectors (hash);
 CREATE TABLE failures (pos INTEGER PRIMARY KEY, id TEXT NOT NULL, reason TEXT NOT NULL);
@@ -131,9 +178,16 @@ def job_path(output: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(output)}{_JOB_SUFFIX}")
 
 
+def vectors_path(job_file: str | os.PathLike[str]) -> Path:
+    """The vectors file of a job file: ``X.togembed-job.sqlite`` -> ``X.togembed-job.vectors``
+    (any other name gets ``.vectors`` appended)."""
+    name = os.fspath(job_file)
+    return Path(f"{name.removesuffix('.sqlite')}{_VECTORS_SUFFIX}")
+
+
 def text_hash(text: str) -> bytes:
     """The dedup key of a text within a job: 16 bytes of BLAKE2b over its UTF-8."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_HASH_SIZE).digest()
 
 
 def cache_key(model: str, options: str, text: str) -> bytes:
@@ -178,12 +232,113 @@ def _json_value(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+# -- the vectors file: positional reads and writes on one descriptor --------------------------
+
+
+def _open_vectors(path: Path) -> tuple[int, bool]:
+    """Open (creating it if needed) a vectors file for reading and writing; (fd, created)."""
+    flags = os.O_RDWR | _O_BINARY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(path, flags), False
+    except FileNotFoundError:
+        return os.open(path, flags | os.O_CREAT, 0o666), True
+
+
+def _float32_parts(vectors: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``record_batch``'s vectors as C-contiguous little-endian float32 arrays: the arrays of
+    a list of 2-D arrays, else the one array (any nested sequence of numbers converts)."""
+    if (
+        isinstance(vectors, (list, tuple))
+        and vectors
+        and all(isinstance(v, np.ndarray) and v.ndim == 2 for v in vectors)
+    ):
+        return [np.ascontiguousarray(v, dtype="<f4") for v in vectors]
+    return [np.ascontiguousarray(vectors, dtype="<f4")]
+
+
+def _write_at(fd: int, parts: list[memoryview], offset: int) -> None:
+    """Write ``parts`` one after the other at ``offset``: one ``pwritev`` (unless the kernel
+    writes less at once), or, without it (Windows), a write per part."""
+    parts = [p for p in parts if len(p)]
+    while parts:
+        if hasattr(os, "pwritev"):
+            written = os.pwritev(fd, parts[:_IOV_MAX], offset)
+        elif hasattr(os, "pwrite"):
+            written = os.pwrite(fd, parts[0], offset)
+        else:  # the descriptor is used by one thread, so seek + write is the same
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, parts[0])
+        if written <= 0:
+            raise OSError(f"writing the vectors file: {written} bytes written")
+        offset += written
+        while parts and written >= len(parts[0]):
+            written -= len(parts.pop(0))
+        if written:
+            parts[0] = parts[0][written:]
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset``, or fewer only at the end of the file."""
+    parts: list[bytes] = []
+    while size > 0:
+        if hasattr(os, "pread"):
+            part = os.pread(fd, size, offset)
+        else:
+            os.lseek(fd, offset, os.SEEK_SET)
+            part = os.read(fd, size)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+        offset += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _datasync(fd: int) -> None:
+    """The file's data (and its length) on disk: ``fdatasync`` where there is one."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """A new file's directory entry on disk (not possible, nor needed, on Windows)."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _close_files(conn: sqlite3.Connection, fd: int, *, quietly: bool = True) -> None:
+    """Close the vectors file (while the lock is still held), then the connection."""
+    try:
+        if fd >= 0:
+            os.close(fd)
+    except OSError:
+        if not quietly:
+            raise
+    finally:
+        conn.close()
+
+
 class JobStore:
     """The durable state of one corpus job. Open with ``JobStore.open``; see the module doc."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        meta: dict[str, Any],
+        *,
+        fd: int,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+    ) -> None:
         self._conn = conn
+        self._fd = fd
+        self._sync = synchronous == "FULL"
         self.path = path
+        self.vectors_path = vectors_path(path)
         self.meta = meta
         row = conn.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
         self._dim: int | None = int(row[0]) if row else None
@@ -196,19 +351,20 @@ class JobStore:
         meta: dict[str, Any],
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
     ) -> JobStore:
-        """Create the job file, or reopen it to resume.
+        """Create the job (its SQLite file and its vectors file), or reopen it to resume.
 
         ``meta`` holds exactly what makes the vectors (model, request options, input path,
         size and mtime, id/text fields), JSON-serializable. On reopen every field must match,
-        else ``JobMismatchError`` says which one differs.
+        else ``JobMismatchError`` says which one differs; so does a job file of another format.
         """
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
         path = Path(path)
         given = _json_value(meta)
         conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        fd = -1
         try:
-            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # only takes effect on a new file
+            conn.execute(f"PRAGMA page_size = {_JOB_PAGE_SIZE}")  # only takes effect on a new file
             # Before the first access: the lock is then held until close, and the WAL index
             # lives in process memory (no -shm file).
             conn.execute("PRAGMA locking_mode = EXCLUSIVE")
@@ -220,12 +376,22 @@ class JobStore:
                     _create(conn, _JOB_SCHEMA)
                     conn.executemany(
                         "INSERT INTO meta (key, value) VALUES (?, ?)",
-                        [("schema", str(SCHEMA_VERSION)), ("job", json.dumps(given))],
+                        [
+                            ("schema", str(SCHEMA_VERSION)),
+                            ("job", json.dumps(given)),
+                            ("vec_rows", "0"),
+                        ],
                     )
                 else:
                     _check_meta(conn, path, given)
+            # Under the lock from here on: no other process touches the vectors file.
+            fd, created = _open_vectors(vectors_path(path))
+            if created and synchronous == "FULL":
+                _fsync_dir(path.parent)
+            store = cls(conn, path, given, fd=fd, synchronous=synchronous)
+            store._cut_to_committed()
         except sqlite3.OperationalError as exc:
-            conn.close()
+            _close_files(conn, fd)
             if "locked" in str(exc):
                 raise JobLockedError(
                     f"{path} is in use by another togembed process; wait for it to finish "
@@ -233,19 +399,23 @@ class JobStore:
                 ) from None
             raise
         except BaseException:
-            conn.close()
+            _close_files(conn, fd)
             raise
-        return cls(conn, path, given)
+        return store
 
     @staticmethod
     def delete(path: str | os.PathLike[str]) -> None:
-        """Remove a job file and its journal (for ``--restart``); the job must not be open."""
+        """Remove a job file, its journal and its vectors file (for ``--restart``); the job
+        must not be open."""
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{os.fspath(path)}{suffix}").unlink(missing_ok=True)
+        # Last: a vectors file left alone by a kill here is emptied when a new job opens it.
+        vectors_path(path).unlink(missing_ok=True)
 
     def close(self) -> None:
         """Close (checkpoints the WAL into the main file and releases the lock)."""
-        self._conn.close()
+        fd, self._fd = self._fd, -1
+        _close_files(self._conn, fd, quietly=False)
 
     def __enter__(self) -> JobStore:
         return self
@@ -264,15 +434,51 @@ class JobStore:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'ids_total'").fetchone()
         return int(row[0]) if row else None
 
+    def _vec_rows(self) -> int:
+        """Rows of the vectors file that committed rows may refer to."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'vec_rows'").fetchone()
+        return int(row[0])
+
+    def _cut_to_committed(self) -> None:
+        """Make the vectors file end where the committed rows do. Longer: bytes a kill left
+        between a write and its commit, cut off. Shorter (a power loss under NORMAL, or a
+        damaged file): the rows whose bytes are gone are forgotten, to be embedded again."""
+        conn, fd = self._conn, self._fd
+        row_bytes = 4 * (self._dim or 0)
+        committed = self._vec_rows()
+        size = os.fstat(fd).st_size
+        if size > committed * row_bytes:
+            os.ftruncate(fd, committed * row_bytes)
+        elif size < committed * row_bytes:
+            kept = size // row_bytes
+            with _transaction(conn):
+                before = conn.total_changes
+                conn.execute("DELETE FROM vectors WHERE row >= ?", (kept,))
+                lost = conn.total_changes - before
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'vec_rows'", (str(kept),))
+            os.ftruncate(fd, kept * row_bytes)
+            log.warning(
+                "%s holds %d of the %d vectors %s recorded (a power loss, or a damaged "
+                "file): %d inputs will be embedded again",
+                self.vectors_path,
+                kept,
+                committed,
+                self.path,
+                lost,
+            )
+
     # -- ids pre-pass -----------------------------------------------------------------------
 
-    def register_ids(self, pairs: Iterable[tuple[int, str]]) -> int:
+    def register_ids(self, pairs: Iterable[tuple[int, str]], *, unique: bool = False) -> int:
         """Store every (pos, id) of the input, in position order from 0, and return the count.
 
         Raises ``DuplicateIdError`` at the first id seen at two positions. Run it over the
         whole input before embedding (it costs a read of the file and ~1 s per million ids):
         then a duplicate stops the job before anything is paid for. Resumable: positions
         already registered are skipped.
+
+        ``unique=True`` says the ids cannot repeat (line or row numbers): they are only
+        counted, not stored, and ``counts().ids`` stays 0.
         """
         conn = self._conn
         row = conn.execute("SELECT max(pos) FROM ids").fetchone()
@@ -285,7 +491,7 @@ class JobStore:
                     f"register_ids wants positions 0, 1, 2, ...; got {pos} after {expected - 1}"
                 )
             expected += 1
-            if pos < registered:
+            if unique or pos < registered:
                 continue
             chunk.append((pos, rid))
             if len(chunk) == _REGISTER_CHUNK:
@@ -335,48 +541,90 @@ class JobStore:
         self,
         positions: Sequence[int],
         ids: Sequence[str],
-        vectors: np.ndarray,
+        vectors: np.ndarray | Sequence[np.ndarray],
         *,
         hashes: Sequence[bytes],
     ) -> None:
-        """Store one batch of vectors in one transaction: all of it, or (on any error or
-        kill) none of it. ``hashes[i] = text_hash(text_i)`` feeds dedup. A failure recorded
-        earlier at one of these positions is removed."""
-        vecs = np.ascontiguousarray(vectors, dtype="<f4")
+        """Store one batch of vectors: all of it, or (on any error or kill) none of it.
+        ``hashes[i] = text_hash(text_i)`` feeds dedup. A failure recorded earlier at one of
+        these positions is removed.
+
+        ``vectors`` is an (n, dim) array, or a list of 2-D arrays whose rows, in order, are the
+        n rows (several answered batches recorded together, written without joining them).
+        They go to the vectors file at its committed end (one write; fsynced under FULL), then
+        their rows and the file's new committed end to SQLite in one transaction.
+        """
+        parts = _float32_parts(vectors)
         n = len(positions)
-        if vecs.ndim != 2 or vecs.shape[0] != n or len(ids) != n or len(hashes) != n:
+        widths = {p.shape[1] if p.ndim == 2 else -1 for p in parts}
+        rows = sum(len(p) for p in parts)
+        if len(widths) != 1 or -1 in widths or rows != n or len(ids) != n or len(hashes) != n:
+            shape = parts[0].shape if len(parts) == 1 else [p.shape for p in parts]
             raise ValueError(
                 f"record_batch: {n} positions, {len(ids)} ids, {len(hashes)} hashes and "
-                f"vectors of shape {vecs.shape} do not match"
+                f"vectors of shape {shape} do not match"
             )
-        dim = vecs.shape[1]
+        dim = parts[0].shape[1]
         if self._dim is not None and dim != self._dim:
             raise ValueError(f"record_batch: vectors of dimension {dim}, the job has {self._dim}")
-        rows = [(int(positions[k]), ids[k], bytes(hashes[k]), vecs[k].tobytes()) for k in range(n)]
         conn = self._conn
         with _transaction(conn):
+            # The committed end, read inside the transaction: nothing kept in memory can go
+            # stale (e.g. after a commit interrupted by Ctrl-C on its way back).
+            start = self._vec_rows()
             if self._dim is None:
                 conn.execute("INSERT INTO meta (key, value) VALUES ('dim', ?)", (str(dim),))
             try:
-                conn.executemany(
-                    "INSERT INTO vectors (pos, id, hash, vector) VALUES (?, ?, ?, ?)", rows
-                )
+                self._insert_rows(positions, ids, hashes, start)
             except sqlite3.IntegrityError:
-                self._explain_conflict("vectors", [(r[0], r[1]) for r in rows])
+                self._explain_conflict("vectors", list(zip(map(int, positions), ids, strict=True)))
                 raise
-            conn.executemany("DELETE FROM failures WHERE pos = ?", [(r[0],) for r in rows])
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'vec_rows'", (str(start + n),))
+            self._forget_failures(positions)
+            # Past the committed end: until the commit, nothing refers to these bytes, and a
+            # kill before it leaves them to be cut off by the next open.
+            _write_at(self._fd, [memoryview(p).cast("B") for p in parts], start * 4 * dim)
+            if self._sync:
+                _datasync(self._fd)  # the bytes are on disk before the rows that point at them
         self._dim = dim
+
+    def _insert_rows(
+        self, positions: Sequence[int], ids: Sequence[str], hashes: Sequence[bytes], start: int
+    ) -> None:
+        """Insert a batch's rows (row ``start + k`` for the k-th), in one statement when the
+        hashes are text hashes and the ids JSON can carry, else one statement per row."""
+        packed = None
+        if all(len(h) == _HASH_SIZE for h in hashes):
+            # orjson.JSONEncodeError (a TypeError): e.g. an id with a lone surrogate.
+            with contextlib.suppress(TypeError):
+                packed = orjson.dumps(list(zip(map(int, positions), ids, strict=True)))
+        if packed is not None:
+            self._conn.execute(_INSERT_BATCH, (packed, b"".join(hashes), _HASH_SIZE, start))
+        else:
+            self._conn.executemany(
+                "INSERT INTO vectors (pos, id, hash, row) VALUES (?, ?, ?, ?)",
+                [
+                    (int(p), rid, bytes(h), start + k)
+                    for k, (p, rid, h) in enumerate(zip(positions, ids, hashes, strict=True))
+                ],
+            )
+
+    def _forget_failures(self, positions: Iterable[int]) -> None:
+        """Inside a transaction: remove these positions' failures (usually there are none)."""
+        conn = self._conn
+        if conn.execute("SELECT 1 FROM failures LIMIT 1").fetchone() is not None:
+            conn.executemany("DELETE FROM failures WHERE pos = ?", [(int(p),) for p in positions])
 
     def record_duplicates(self, items: Sequence[tuple[int, str, int]]) -> None:
         """Store (pos, id, source_pos) rows whose text equals that of an already stored
-        position: the vector is copied inside SQLite, in one transaction."""
+        position, in one transaction: they point at the source's vector (no bytes copied)."""
         conn = self._conn
         with _transaction(conn):
             before = conn.total_changes
             try:
                 conn.executemany(
-                    "INSERT INTO vectors (pos, id, hash, vector) "
-                    "SELECT ?, ?, hash, vector FROM vectors WHERE pos = ?",
+                    "INSERT INTO vectors (pos, id, hash, row) "
+                    "SELECT ?, ?, hash, row FROM vectors WHERE pos = ?",
                     [(int(p), rid, int(src)) for p, rid, src in items],
                 )
             except sqlite3.IntegrityError:
@@ -385,7 +633,7 @@ class JobStore:
             if conn.total_changes - before != len(items):
                 missing = [src for _, _, src in items if not self._has(src)]
                 raise ValueError(f"record_duplicates: source positions not stored: {missing}")
-            conn.executemany("DELETE FROM failures WHERE pos = ?", [(p,) for p, _, _ in items])
+            self._forget_failures([p for p, _, _ in items])
 
     def _has(self, pos: int) -> bool:
         row = self._conn.execute("SELECT 1 FROM vectors WHERE pos = ?", (pos,)).fetchone()
@@ -458,15 +706,49 @@ class JobStore:
         return JobCounts(done=count("vectors"), failed=count("failures"), ids=count("ids"))
 
     def iter_rows(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(id, float32 vector) of every stored position, in position order, streamed. The
-        vectors are read-only views."""
-        cursor = self._conn.execute("SELECT id, vector FROM vectors ORDER BY pos")
+        """(id, float32 vector) of every stored position, in position order, streamed: the
+        vectors file is read 2 MB at a time. The vectors are read-only views."""
+        if self._dim is None:
+            return
+        dim = self._dim
+        chunk = max(1, _READ_BYTES // (4 * dim))
+        cursor = self._conn.execute("SELECT id, row FROM vectors ORDER BY pos")
         try:
-            while rows := cursor.fetchmany(_READ_CHUNK):
-                for rid, blob in rows:
-                    yield rid, np.frombuffer(blob, dtype="<f4")
+            while rows := cursor.fetchmany(chunk):
+                where = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+                vectors = self._read_rows(where, dim)
+                for k, row in enumerate(rows):
+                    yield row[0], vectors[k]
         finally:
             cursor.close()
+
+    def _read_rows(self, rows: np.ndarray, dim: int) -> np.ndarray:
+        """The vectors at these rows of the vectors file, (len(rows), dim), read-only: one
+        read per run of consecutive rows."""
+        n = len(rows)
+        first = int(rows[0])
+        if int(rows[-1]) - first == n - 1 and (n == 1 or bool((np.diff(rows) == 1).all())):
+            return self._read(first, n, dim)  # the usual case: rows in one run, in order
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        cuts = (np.flatnonzero(np.diff(ordered) > 1) + 1).tolist()
+        out = np.empty((n, dim), dtype="<f4")
+        for a, b in zip([0, *cuts], [*cuts, n], strict=True):
+            lo, hi = int(ordered[a]), int(ordered[b - 1]) + 1
+            out[order[a:b]] = self._read(lo, hi - lo, dim)[ordered[a:b] - lo]
+        out.flags.writeable = False
+        return out
+
+    def _read(self, start: int, count: int, dim: int) -> np.ndarray:
+        """Rows start .. start + count of the vectors file, read-only."""
+        size = 4 * dim * count
+        data = _pread_all(self._fd, size, 4 * dim * start)
+        if len(data) != size:
+            raise TogembedError(
+                f"{self.vectors_path} ends before row {start + count} that {self.path} refers "
+                "to (a damaged job); pass --restart to start over"
+            )
+        return np.frombuffer(data, dtype="<f4").reshape(count, dim)
 
     def iter_failures(self) -> Iterator[tuple[int, str, str]]:
         """(pos, id, reason) of every failed input, in position order, streamed."""
@@ -526,7 +808,7 @@ class VectorCache:
                 _create(conn, _CACHE_SCHEMA)
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                    (str(SCHEMA_VERSION),),
+                    (str(_CACHE_SCHEMA_VERSION),),
                 )
         except BaseException:
             conn.close()

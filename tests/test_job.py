@@ -1,0 +1,76 @@
+"""The corpus job's read-ahead (blocks read, hashed and looked up before their texts are sent):
+duplicates are still sent once, within a block, across blocks and across runs, and a stopped
+job leaves no reader task or lookup behind. In process, against an in-process fake server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import MakeServer
+
+from togembed import AsyncClient, _job
+from togembed._corpus import npy_ids_path
+from togembed._job import JobOptions, run_job
+from togembed.testing import fake_embeddings
+
+DIM = 16
+
+
+def job_tasks() -> list[str]:
+    """The job's own tasks still alive (the server's connection handlers live in this loop)."""
+    names = (t.get_coro().__qualname__ for t in asyncio.all_tasks())  # type: ignore[union-attr]
+    return [n for n in names if n.startswith(("_Job.", "_Writer."))]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many blocks, each read in several steps, for a corpus a test can afford."""
+    monkeypatch.setattr(_job, "_READ_BLOCK", 40)
+    monkeypatch.setattr(_job, "_READ_STEP", 7)
+
+
+async def test_duplicates_across_blocks_and_runs_are_sent_once(
+    tmp_path: Path, make_server: MakeServer
+) -> None:
+    rng = np.random.default_rng(3)
+    unique = [f"text number {k}" for k in range(120)]
+    texts = [unique[k] for k in rng.integers(0, len(unique), 1500)]
+    src = tmp_path / "in.txt"
+    src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "out.npy"
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url, batch_size=8, concurrency=4) as client:
+        first = await run_job(client, JobOptions(input=src, output=out, model="m", max_tokens=150))
+        assert first.status == "budget"
+        assert not job_tasks()  # the reader task is gone
+        sent = server.stats.inputs
+        assert 0 < sent < len(set(texts))
+        # The rerun finds the first run's texts in the store (lookups), the rest as before.
+        second = await run_job(client, JobOptions(input=src, output=out, model="m"))
+        assert second.status == "complete"
+        assert not job_tasks()
+    assert server.stats.inputs == len(set(texts))  # every distinct text once, over both runs
+    assert first.progress.deduplicated + second.progress.deduplicated > 0
+    assert second.progress.done_before == (first.progress.embedded + first.progress.deduplicated)
+    np.testing.assert_array_equal(np.load(out), fake_embeddings(texts, DIM))
+    ids = npy_ids_path(out).read_text(encoding="utf-8").splitlines()
+    assert ids == [str(k) for k in range(1, len(texts) + 1)]
+
+
+async def test_a_job_stopped_at_once_leaves_nothing_running(
+    tmp_path: Path, make_server: MakeServer
+) -> None:
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"text {k}\n" for k in range(500)), encoding="utf-8")
+    out = tmp_path / "out.npy"
+    server = await make_server()
+    stop = asyncio.Event()
+    stop.set()  # Ctrl-C before the first text: the reader has read ahead, nothing is sent
+    async with AsyncClient(base_url=server.base_url, batch_size=8) as client:
+        result = await run_job(client, JobOptions(input=src, output=out, model="m"), stop=stop)
+    assert result.status == "interrupted"
+    assert server.stats.inputs == 0
+    assert not job_tasks()
