@@ -38,6 +38,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from ._listen import listen
+
 __all__ = [
     "FAULT_KINDS",
     "Fault",
@@ -516,29 +518,11 @@ class FakeTogetherServer:
         """Listen on ``host:port`` (0 = any free port) and return :attr:`base_url`."""
         if self._runner is not None:
             raise RuntimeError("server already started")
-        # handler_cancellation: aiohttp (>= 3.9) no longer cancels handlers when the client
-        # disconnects unless asked; we want that to count `disconnects` promptly.
-        runner = web.AppRunner(
-            self.make_app(),
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=self.shutdown_timeout,
+        runner, self._base_url = await listen(
+            self.make_app(), host, port, shutdown_timeout=self.shutdown_timeout
         )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
         self._runner = runner
         self._closing = False
-        bound_host, bound_port = runner.addresses[0][:2]
-        if bound_host in ("0.0.0.0", "::"):
-            bound_host = "127.0.0.1" if bound_host == "0.0.0.0" else "::1"
-        if ":" in bound_host:
-            bound_host = f"[{bound_host}]"
-        self._base_url = f"http://{bound_host}:{bound_port}/v1"
         return self._base_url
 
     async def close(self) -> None:

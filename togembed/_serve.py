@@ -41,6 +41,7 @@ import orjson
 from aiohttp import web
 
 from ._config import is_loopback_url
+from ._listen import listen
 
 __all__ = [
     "DEFAULT_HOST",
@@ -532,29 +533,16 @@ class EmbeddingServer:
         """Listen on ``host:port`` (0 = a free port) and return :attr:`base_url`."""
         if self._runner is not None:
             raise RuntimeError("server already started")
-        # handler_cancellation: cancel a handler whose client disconnected, so its queued
-        # texts are dropped instead of embedded for nobody.
-        runner = web.AppRunner(
+        # A handler whose client went away is cancelled: its queued texts are dropped.
+        runner, self._base_url = await listen(
             self.make_app(),
-            handler_cancellation=True,
-            access_log=logging.getLogger("togembed.access") if self.access_log else None,
+            host,
+            port,
             shutdown_timeout=self.shutdown_timeout,
+            access_log=logging.getLogger("togembed.access") if self.access_log else None,
         )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
         self._runner = runner
         self._exposed = not all(_is_loopback_host(a[0]) for a in runner.addresses)
-        bound_host, bound_port = runner.addresses[0][:2]
-        if bound_host in ("0.0.0.0", "::"):
-            bound_host = "127.0.0.1" if bound_host == "0.0.0.0" else "::1"
-        if ":" in bound_host:
-            bound_host = f"[{bound_host}]"
-        self._base_url = f"http://{bound_host}:{bound_port}/v1"
         logger.info("serving %s (dim %d) at %s", self.model_name, self.dim, self._base_url)
         return self._base_url
 
