@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import time
@@ -322,7 +323,7 @@ class _Job:
             texts, model=self.opts.model, window=self.opts.window, errors="collect"
         )
         try:
-            async with _aclosing(stream):
+            async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     await self._record_chunk(chunk.vectors, chunk.errors, chunk.start)
         finally:
@@ -533,14 +534,3 @@ def _write_failures(store: JobStore, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-class _aclosing:  # contextlib.aclosing is 3.10+, but typed loosely; keep it explicit
-    def __init__(self, agen: Any) -> None:
-        self.agen = agen
-
-    async def __aenter__(self) -> Any:
-        return self.agen
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.agen.aclose()
