@@ -17,9 +17,11 @@ from togembed import _corpus
 from togembed._corpus import (
     CorpusError,
     MissingDependencyError,
+    OutputFile,
     Record,
     count_records,
     npy_ids_path,
+    read_blocks,
     read_records,
     write_output,
 )
@@ -76,6 +78,49 @@ def test_txt_bad_utf8_names_the_line_and_is_raised_lazily(tmp_path: Path) -> Non
     assert info.value.line == 3
     assert info.value.path == str(path)
     assert isinstance(info.value, TogembedError)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 1024])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xef\xbb\xbfbom\r\nthen\n",
+        b"a\r\n\r\nb\rc\n\nlast\r",  # a lone "\r" stays; so does one ending the file
+        "u\u2028v\x85w\nend".encode(),  # Unicode separators are not line ends
+        b"\n\n\n",
+        b"no newline",
+    ],
+)
+def test_txt_blocks_split_lines_like_the_line_reader(
+    tmp_path: Path, data: bytes, size: int
+) -> None:
+    path = write(tmp_path / "c.txt", data)
+    expected = [(n - 1, str(n), line) for n, line in _corpus._numbered_lines(path)]
+    got = [
+        (b.start + k, b.ids[k], text)
+        for b in read_blocks(path, size=size)
+        for k, text in enumerate(b.texts)
+    ]
+    assert got == expected
+    assert records(path) == expected
+
+
+def test_txt_blocks_bad_utf8_yield_the_lines_before_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.txt", b"one\ntwo\nbad \xff\nfour\n")
+    blocks = read_blocks(path, size=10)
+    assert next(blocks).texts == ["one", "two"]
+    with pytest.raises(CorpusError, match="line 3: not valid UTF-8"):
+        next(blocks)
+
+
+def test_blocks_of_other_formats_group_records(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.jsonl", "".join(f'{{"text": "t{i}"}}\n' for i in range(5)))
+    blocks = list(read_blocks(path, size=2))
+    assert [(b.start, b.ids, b.texts) for b in blocks] == [
+        (0, ["1", "2"], ["t0", "t1"]),
+        (2, ["3", "4"], ["t2", "t3"]),
+        (4, ["5"], ["t4"]),
+    ]
 
 
 def test_txt_has_no_id_field(tmp_path: Path) -> None:
@@ -293,6 +338,47 @@ def test_jsonl_output_round_trip(tmp_path: Path) -> None:
         obj = orjson.loads(line)
         assert obj["id"] == rid
         np.testing.assert_array_equal(np.array(obj["embedding"], dtype=np.float32), vec)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+def test_output_file_written_in_blocks_with_fewer_rows_than_announced(
+    tmp_path: Path, suffix: str
+) -> None:
+    ids, vecs = sample(1001, 3)
+    path = tmp_path / f"out{suffix}"
+    out = OutputFile.create(path, dim=3, max_rows=100_000)  # e.g. a job whose inputs failed
+    for start in range(0, 1001, 300):
+        out.write(ids[start : start + 300], vecs[start : start + 300])
+    assert list(tmp_path.iterdir()) != [] and not path.exists()  # only the temp so far
+    assert out.commit(1001) == 1001
+    if suffix == ".parquet":
+        table = pq.read_table(path)
+        assert table.column("id").to_pylist() == ids
+        got = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+    elif suffix == ".npy":
+        got = np.load(path)  # the header was rewritten for 1001 rows, same length
+        assert npy_ids_path(path).read_text(encoding="utf-8").splitlines() == ids
+    else:
+        lines = path.read_bytes().splitlines()
+        assert [orjson.loads(line)["id"] for line in lines] == ids
+        got = np.array([orjson.loads(line)["embedding"] for line in lines], dtype=np.float32)
+    np.testing.assert_array_equal(got, vecs)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+def test_output_file_abort_leaves_the_previous_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"out{suffix}"
+    path.write_bytes(b"previous")
+    out = OutputFile.create(path, dim=2, max_rows=10)
+    out.write(["a"], np.ones((1, 2), dtype=np.float32))
+    with pytest.raises(CorpusError, match="more than the 10 rows"):
+        out.write([str(i) for i in range(10)], np.ones((10, 2), dtype=np.float32))
+    with pytest.raises(CorpusError, match=r"shape \(2, 3\)"):
+        out.write(["a", "b"], np.ones((2, 3), dtype=np.float32))
+    out.abort()
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])

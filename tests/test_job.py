@@ -1,13 +1,17 @@
 """The corpus job's read-ahead (blocks read, hashed and looked up before their texts are sent):
 duplicates are still sent once, within a block, across blocks and across runs, and a stopped
-job leaves no reader task or lookup behind. In process, against an in-process fake server."""
+job leaves no reader task or lookup behind; the output written while the job runs. In process,
+against an in-process fake server."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
+import orjson
+import pyarrow.parquet as pq
 import pytest
 from helpers import MakeServer
 
@@ -27,9 +31,8 @@ def job_tasks() -> list[str]:
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many blocks, each read in several steps, for a corpus a test can afford."""
+    """Many blocks, for a corpus a test can afford."""
     monkeypatch.setattr(_job, "_READ_BLOCK", 40)
-    monkeypatch.setattr(_job, "_READ_STEP", 7)
 
 
 async def test_duplicates_across_blocks_and_runs_are_sent_once(
@@ -74,3 +77,54 @@ async def test_a_job_stopped_at_once_leaves_nothing_running(
     assert result.status == "interrupted"
     assert server.stats.inputs == 0
     assert not job_tasks()
+
+
+def job_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("togembed-")]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+async def test_output_is_written_during_the_job_and_appears_only_when_complete(
+    tmp_path: Path, make_server: MakeServer, suffix: str
+) -> None:
+    texts = [f"text {k}" for k in range(600)]
+    src = tmp_path / "in.txt"
+    src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / f"out{suffix}"
+    temp = tmp_path / f".out{suffix}.togembed-tmp"
+    seen_temp: list[bool] = []
+
+    def progress(p: _job.JobProgress) -> None:
+        if 0 < p.embedded < len(texts):
+            seen_temp.append(temp.exists())
+            assert not out.exists()
+
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url, batch_size=20, concurrency=2) as client:
+        first = await run_job(
+            client,
+            JobOptions(input=src, output=out, model="m", max_tokens=400),
+            on_progress=progress,
+        )
+        assert first.status == "budget" and first.output is None
+        assert not out.exists() and not temp.exists()  # the partial output is dropped
+        assert not job_threads()
+        second = await run_job(
+            client, JobOptions(input=src, output=out, model="m"), on_progress=progress
+        )
+    assert second.status == "complete" and second.output == out
+    assert any(seen_temp)  # rows went to the temp file before the job ended
+    assert not temp.exists() and not job_threads()
+    expected = fake_embeddings(texts, DIM)
+    if suffix == ".parquet":
+        table = pq.read_table(out)
+        assert table.column("id").to_pylist() == [str(k) for k in range(1, 601)]
+        got = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
+    elif suffix == ".npy":
+        got = np.load(out)
+    else:
+        got = np.array(
+            [orjson.loads(line)["embedding"] for line in out.read_bytes().splitlines()],
+            dtype=np.float32,
+        )
+    np.testing.assert_array_equal(got, expected)

@@ -27,7 +27,7 @@ from ._config import (
 from ._exceptions import MissingAPIKeyError
 from ._ratelimit import Limiter, RateLimiter
 from ._runner import ArraySink, CallSettings, ClientStats, ListSink, Sink, run_call
-from ._stream import EmbeddingChunk, EmbeddingStream
+from ._stream import EmbeddingChunk, EmbeddingStream, TextBlocks
 from ._transport import AiohttpTransport, Transport
 from ._types import EmbeddingResponse
 from ._version import __version__
@@ -170,7 +170,7 @@ class AsyncClient:
 
     async def embed_stream(
         self,
-        texts: Iterable[str] | AsyncIterable[str],
+        texts: Iterable[str] | AsyncIterable[str] | TextBlocks,
         *,
         model: str | None = None,
         window: int | None = None,
@@ -184,7 +184,8 @@ class AsyncClient:
         so a consumer that stops consuming stops the input and the sending. With
         ``errors="collect"``, inputs the server rejects become NaN rows and ``chunk.errors``
         instead of an exception. Close the generator (``contextlib.aclosing``) to cancel what
-        is in flight. See docs/streaming.md.
+        is in flight. See docs/streaming.md. (``TextBlocks``, internal, wraps a source that
+        yields lists of texts.)
         """
         model = self._model_for(model)
         if errors not in ("raise", "collect"):

@@ -14,10 +14,13 @@ killed export never leaves a half file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import itertools
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, BinaryIO
@@ -33,9 +36,12 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "CorpusError",
     "MissingDependencyError",
+    "OutputFile",
     "Record",
+    "RecordBlock",
     "count_records",
     "npy_ids_path",
+    "read_blocks",
     "read_records",
     "write_output",
 ]
@@ -47,9 +53,12 @@ PARQUET_ROW_GROUP = 8192
 # ...or fewer rows for wide vectors: the writer holds about three copies of a row group.
 _PARQUET_ROW_GROUP_BYTES = 32 << 20
 _PARQUET_READ_BATCH = 4096
+_BLOCK = 1024  # records read at a time
+_WRITE_BLOCK = 1024  # rows write_output hands to an OutputFile at a time
 _COUNT_CHUNK = 1 << 20
 # csv refuses fields over 128 KiB by default; a document can be longer than that.
 _CSV_FIELD_LIMIT = 2**31 - 1
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark
 
 
 class CorpusError(TogembedError, ValueError):
@@ -81,6 +90,15 @@ class Record:
     pos: int
     id: str
     text: str
+
+
+@attrs.frozen
+class RecordBlock:
+    """Consecutive records: ``texts[k]`` is at position ``start + k`` and has id ``ids[k]``."""
+
+    start: int
+    ids: list[str]
+    texts: list[str]
 
 
 def _pyarrow() -> tuple[ModuleType, ModuleType]:
@@ -167,8 +185,63 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _read_txt(path: Path) -> Iterator[Record]:
-    for lineno, text in _numbered_lines(path):
-        yield Record(lineno - 1, str(lineno), text)
+    for block in _txt_blocks(path, _BLOCK):
+        for k, text in enumerate(block.texts):
+            yield Record(block.start + k, block.ids[k], text)
+
+
+def _txt_blocks(path: Path, size: int) -> Iterator[RecordBlock]:
+    """``_numbered_lines`` a block at a time: one decode and one split per block."""
+    start = 0
+    with open(path, "rb") as f:
+        while raw := list(itertools.islice(f, size)):
+            if start == 0 and raw[0].startswith(_BOM):
+                raw[0] = raw[0][len(_BOM) :]
+            try:
+                text = b"".join(raw).decode("utf-8")
+            except UnicodeDecodeError:
+                for k, line in enumerate(raw):
+                    try:
+                        line.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        if k:  # the lines before the bad one come out first
+                            yield _lines_block(b"".join(raw[:k]).decode("utf-8"), k, start)
+                        raise CorpusError(
+                            f"not valid UTF-8 ({exc.reason})", path=path, line=start + k + 1
+                        ) from None
+                raise
+            yield _lines_block(text, len(raw), start)
+            start += len(raw)
+
+
+def _lines_block(text: str, lines: int, start: int) -> RecordBlock:
+    """The block of ``lines`` lines decoded as ``text``: each ends with its only "\n", except
+    perhaps the file's last."""
+    texts = text.split("\n")[:lines]
+    if "\r" in text:  # "\r\n" endings
+        ended = lines if text.endswith("\n") else lines - 1
+        texts[:ended] = [t[:-1] if t.endswith("\r") else t for t in texts[:ended]]
+    return RecordBlock(start, list(map(str, range(start + 1, start + lines + 1))), texts)
+
+
+def read_blocks(
+    path: str | os.PathLike[str],
+    *,
+    id_field: str | None = None,
+    text_field: str = "text",
+    size: int = 1024,
+) -> Iterator[RecordBlock]:
+    """``read_records`` in blocks of up to ``size`` consecutive records: less work per record
+    (a .txt block is decoded and split at once)."""
+    path = Path(path)
+    if _suffix(path, INPUT_SUFFIXES, "input") == ".txt" and id_field is None:
+        return _txt_blocks(path, size)
+    return _group_blocks(read_records(path, id_field=id_field, text_field=text_field), size)
+
+
+def _group_blocks(records: Iterator[Record], size: int) -> Iterator[RecordBlock]:
+    while block := list(itertools.islice(records, size)):
+        yield RecordBlock(block[0].pos, [r.id for r in block], [r.text for r in block])
 
 
 def _id_value(value: Any, field: str) -> str:
@@ -265,8 +338,8 @@ def _read_csv(path: Path, id_field: str | None, text_field: str) -> Iterator[Rec
 def _decoded_lines(f: BinaryIO, path: Path) -> Iterator[str]:
     """Lines of a UTF-8 file, endings kept, a leading byte order mark dropped."""
     for lineno, raw in enumerate(f, start=1):
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -324,7 +397,7 @@ def write_output(
     count: int,
 ) -> int:
     """Write ``count`` (id, vector) rows, in the order given, to a .parquet, .npy or .jsonl file
-    chosen by suffix; returns the rows written.
+    chosen by suffix; returns the rows written. (``OutputFile`` writes one block at a time.)
 
     - .parquet: columns ``id`` (string) and ``embedding`` (fixed_size_list<float32>[dim]),
       row groups of 8192 rows (fewer when vectors are wider than 1024: at most 32 MiB).
@@ -332,46 +405,228 @@ def write_output(
       per line in the same order (so ids must not contain line breaks).
     - .jsonl: one ``{"id": ..., "embedding": [...]}`` per line.
 
-    ``count`` must match the rows given (the .npy header needs it up front; for the others it
-    catches a job that would silently drop or repeat rows). Nothing appears under the final
-    name unless the whole file was written.
+    ``count`` must match the rows given (it catches a job that would silently drop or repeat
+    rows). Nothing appears under the final name unless the whole file was written.
     """
-    path = Path(path)
-    suffix = _suffix(path, OUTPUT_SUFFIXES, "output")
-    if suffix == ".parquet":
-        pa, pq = _pyarrow()  # fail before creating anything
-        with _replacing(path) as tmp:
-            written = _write_parquet(tmp, rows, dim, pa, pq)
-            _check_count(path, written, count)
-    elif suffix == ".npy":
-        # The sidecar is renamed first: once the .npy is in place, its ids are too.
-        with _replacing(path) as tmp, _replacing(npy_ids_path(path)) as ids_tmp:
-            written = _write_npy(tmp, ids_tmp, rows, dim, count)
-    else:
-        with _replacing(path) as tmp:
-            written = _write_jsonl(tmp, rows, dim)
-            _check_count(path, written, count)
-    return written
+    out = OutputFile.create(path, dim=dim, max_rows=count)
+    try:
+        ids: list[str] = []
+        block = np.empty((_WRITE_BLOCK, dim), dtype="<f4")
+        for rid, vector in rows:
+            block[len(ids)] = _row_vector(out.path, rid, vector, dim)
+            ids.append(rid)
+            if len(ids) == _WRITE_BLOCK:
+                out.write(ids, block)
+                ids = []
+        if ids:
+            out.write(ids, block[: len(ids)])
+        return out.commit(count)
+    except BaseException:
+        out.abort()
+        raise
 
 
-class _replacing:
-    """Yield a temp path beside ``path``; rename it over ``path`` on success, delete it on
-    error. The temp name is fixed, so a re-run after a kill overwrites the leftover."""
+class OutputFile:
+    """An output file written a block of rows at a time, in order, to a hidden temp file beside
+    the target: ``commit`` renames it over the target, ``abort`` deletes it. The temp name is
+    fixed, so a re-run after a kill overwrites the leftover. Used from one thread at a time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.togembed-tmp")
+        self.dim = dim
+        self.max_rows = max_rows
+        self.written = 0
+        self._temps: list[tuple[Path, Path]] = []  # (temp, target), renamed in this order
+        self._done = False
 
-    def __enter__(self) -> Path:
-        return self.tmp
+    @staticmethod
+    def create(path: str | os.PathLike[str], *, dim: int, max_rows: int) -> OutputFile:
+        """Start writing ``path`` (.parquet, .npy or .jsonl) with at most ``max_rows`` rows
+        (the .npy header is sized for it)."""
+        path = Path(path)
+        suffix = _suffix(path, OUTPUT_SUFFIXES, "output")
+        if suffix == ".parquet":
+            return _ParquetOutput(path, dim, max_rows)
+        if suffix == ".npy":
+            return _NpyOutput(path, dim, max_rows)
+        return _JsonlOutput(path, dim, max_rows)
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
+    def _temp(self, target: Path) -> Path:
+        tmp = target.with_name(f".{target.name}.togembed-tmp")
+        self._temps.append((tmp, target))
+        return tmp
+
+    def write(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Append rows: ``vectors`` is (len(ids), dim)."""
+        if vectors.shape != (len(ids), self.dim):
+            raise CorpusError(
+                f"{len(ids)} ids and vectors of shape {vectors.shape}: expected "
+                f"({len(ids)}, {self.dim})",
+                path=self.path,
+            )
+        if self.written + len(ids) > self.max_rows:
+            raise CorpusError(f"more than the {self.max_rows} rows announced", path=self.path)
+        self._write(ids, vectors)
+        self.written += len(ids)
+
+    def commit(self, count: int) -> int:
+        """Check that ``count`` rows were written, finish the file, make it durable and move it
+        to its name; returns the rows written."""
+        try:
+            if self.written != count:
+                raise CorpusError(
+                    f"expected {count} rows, got {self.written}; output not written",
+                    path=self.path,
+                )
+            self._close()
+            for tmp, _ in self._temps:
+                _fsync_file(tmp)
+            # A .npy's sidecar first: once the .npy is in place, its ids are too.
+            for tmp, target in reversed(self._temps):
+                os.replace(tmp, target)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.written
+
+    def abort(self) -> None:
+        """Drop the temp files (nothing under the final name changes)."""
+        if self._done:
             return
-        _fsync_file(self.tmp)
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        self._done = True
+        with contextlib.suppress(Exception):
+            self._close()
+        for tmp, _ in self._temps:
+            tmp.unlink(missing_ok=True)
+
+    def _write(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class _ParquetOutput(OutputFile):
+    """Rows gathered into row groups of ``PARQUET_ROW_GROUP`` (fewer for wide vectors)."""
+
+    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
+        super().__init__(path, dim, max_rows)
+        self._pa, pq = _pyarrow()  # fail before creating anything
+        self._schema = self._pa.schema(
+            [("id", self._pa.string()), ("embedding", self._pa.list_(self._pa.float32(), dim))]
+        )
+        self._group = max(1, min(PARQUET_ROW_GROUP, _PARQUET_ROW_GROUP_BYTES // max(4 * dim, 1)))
+        self._ids: list[str] = []
+        self._buf = np.empty((self._group, dim), dtype="<f4")
+        # No dictionary encoding: unique ids and float vectors gain nothing from it, and it
+        # costs time and memory.
+        self._writer = pq.ParquetWriter(self._temp(path), self._schema, use_dictionary=False)
+
+    def _write(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        k = 0
+        while k < len(ids):
+            have = len(self._ids)
+            take = min(self._group - have, len(ids) - k)
+            self._buf[have : have + take] = vectors[k : k + take]
+            self._ids.extend(ids[k : k + take])
+            k += take
+            if len(self._ids) == self._group:
+                self._flush()
+
+    def _flush(self) -> None:
+        pa, n = self._pa, len(self._ids)
+        flat = pa.array(self._buf[:n].reshape(-1), type=pa.float32())
+        table = pa.Table.from_arrays(
+            [
+                pa.array(self._ids, type=pa.string()),
+                pa.FixedSizeListArray.from_arrays(flat, self.dim),
+            ],
+            schema=self._schema,
+        )
+        self._writer.write_table(table, row_group_size=self._group)
+        self._ids = []
+
+    def _close(self) -> None:
+        try:
+            if self._ids:
+                self._flush()
+        finally:
+            self._writer.close()
+
+
+class _NpyOutput(OutputFile):
+    """A float32 (rows, dim) array and ``<stem>.ids.txt``. The header is written for
+    ``max_rows`` and rewritten, padded to the same length, with the rows actually written.
+    (``open_memmap`` would map the whole array into the process, and every page it touches
+    counts in RSS: 3 GB for 1M x 768.)"""
+
+    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
+        super().__init__(path, dim, max_rows)
+        self._header_len = len(_npy_header(max_rows, dim))
+        self._file = open(self._temp(path), "wb", buffering=1 << 20)  # noqa: SIM115
+        self._ids = open(  # noqa: SIM115
+            self._temp(npy_ids_path(path)), "w", encoding="utf-8", newline="\n", buffering=1 << 20
+        )
+        self._file.write(_npy_header(max_rows, dim))
+
+    def _write(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        for rid in ids:
+            if "\n" in rid or "\r" in rid:
+                raise CorpusError(
+                    f"id {rid!r} contains a line break, which the .ids.txt sidecar cannot hold; "
+                    "write .parquet or .jsonl instead",
+                    path=npy_ids_path(self.path),
+                )
+        self._file.write(np.ascontiguousarray(vectors, dtype="<f4").data)
+        self._ids.write("".join(f"{rid}\n" for rid in ids))
+
+    def _close(self) -> None:
+        try:
+            if not self._file.closed:
+                self._file.seek(0)
+                self._file.write(_npy_header(self.written, self.dim, self._header_len))
+        finally:
+            self._file.close()
+            self._ids.close()
+
+
+def _npy_header(rows: int, dim: int, length: int | None = None) -> bytes:
+    """A .npy (format 1.0) header for a float32 (rows, dim) array, padded with spaces to
+    ``length`` bytes if given (the format allows any padding before the final newline)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "<f4", "fortran_order": False, "shape": (rows, dim)}
+    )
+    header = buf.getvalue()
+    if length is None or length == len(header):
+        return header
+    if length < len(header) or length - 10 > 0xFFFF:
+        raise ValueError(f"a .npy header of {len(header)} bytes cannot fill {length}")
+    body = header[10:-1] + b" " * (length - len(header)) + b"\n"
+    return header[:8] + (length - 10).to_bytes(2, "little") + body
+
+
+class _JsonlOutput(OutputFile):
+    """One ``{"id": ..., "embedding": [...]}`` per line."""
+
+    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
+        super().__init__(path, dim, max_rows)
+        self._file = open(self._temp(path), "wb", buffering=1 << 20)  # noqa: SIM115
+
+    def _write(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._file.write(
+            b"".join(
+                orjson.dumps({"id": rid, "embedding": vectors[k]}, option=option)
+                for k, rid in enumerate(ids)
+            )
+        )
+
+    def _close(self) -> None:
+        self._file.close()
 
 
 def _fsync_file(path: Path) -> None:
@@ -393,87 +648,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _check_count(path: Path, written: int, count: int) -> None:
-    if written != count:
-        raise CorpusError(f"expected {count} rows, got {written}; output not written", path=path)
-
-
 def _row_vector(path: Path, rid: str, vector: np.ndarray, dim: int) -> np.ndarray:
     vec = np.asarray(vector, dtype="<f4")
     if vec.shape != (dim,):
         raise CorpusError(f"id {rid!r}: vector shape {vec.shape}, expected ({dim},)", path=path)
     return vec
-
-
-def _write_parquet(
-    tmp: Path, rows: Iterable[tuple[str, np.ndarray]], dim: int, pa: Any, pq: Any
-) -> int:
-    schema = pa.schema(
-        [("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))]  # fixed size
-    )
-    group = max(1, min(PARQUET_ROW_GROUP, _PARQUET_ROW_GROUP_BYTES // max(4 * dim, 1)))
-    ids: list[str] = []
-    buf = np.empty((group, dim), dtype=np.float32)
-    written = 0
-
-    def flush(writer: Any) -> None:
-        flat = pa.array(buf[: len(ids)].reshape(-1), type=pa.float32())
-        table = pa.Table.from_arrays(
-            [pa.array(ids, type=pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim)],
-            schema=schema,
-        )
-        writer.write_table(table, row_group_size=group)
-        ids.clear()
-
-    # No dictionary encoding: unique ids and float vectors gain nothing from it, and it costs
-    # time and memory.
-    with pq.ParquetWriter(tmp, schema, use_dictionary=False) as writer:
-        for rid, vector in rows:
-            buf[len(ids)] = _row_vector(tmp, rid, vector, dim)
-            ids.append(rid)
-            written += 1
-            if len(ids) == group:
-                flush(writer)
-        if ids:
-            flush(writer)
-    return written
-
-
-def _write_npy(
-    tmp: Path, ids_tmp: Path, rows: Iterable[tuple[str, np.ndarray]], dim: int, count: int
-) -> int:
-    """Header, then rows appended with plain writes. (``open_memmap`` would map the whole array
-    into the process, and every page it touches counts in RSS: 3 GB for 1M x 768.)"""
-    header = {"descr": "<f4", "fortran_order": False, "shape": (count, dim)}
-    written = 0
-    with (
-        open(tmp, "wb", buffering=1 << 20) as f,
-        open(ids_tmp, "w", encoding="utf-8", newline="\n", buffering=1 << 20) as ids_file,
-    ):
-        np.lib.format.write_array_header_1_0(f, header)
-        for rid, vector in rows:
-            if written == count:
-                raise CorpusError(f"more than the {count} rows announced", path=tmp)
-            if "\n" in rid or "\r" in rid:
-                raise CorpusError(
-                    f"id {rid!r} contains a line break, which the .ids.txt sidecar cannot hold; "
-                    "write .parquet or .jsonl instead",
-                    path=ids_tmp,
-                )
-            f.write(_row_vector(tmp, rid, vector, dim).tobytes())
-            ids_file.write(rid)
-            ids_file.write("\n")
-            written += 1
-    _check_count(tmp, written, count)
-    return written
-
-
-def _write_jsonl(tmp: Path, rows: Iterable[tuple[str, np.ndarray]], dim: int) -> int:
-    option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-    written = 0
-    with open(tmp, "wb", buffering=1 << 20) as f:
-        for rid, vector in rows:
-            vec = np.ascontiguousarray(_row_vector(tmp, rid, vector, dim), dtype=np.float32)
-            f.write(orjson.dumps({"id": rid, "embedding": vec}, option=option))
-            written += 1
-    return written

@@ -5,12 +5,15 @@ SQLite, one transaction per group of batches) as it arrives, so a job killed at 
 started again re-sends only what was in flight.
 Identical texts are sent once; a vector cache shared between jobs skips what any job already
 paid for; inputs the server rejects for good are recorded as failures and the job goes on.
-The output file is written (atomically) only when every input is embedded or failed.
+The output file is written while the job runs, in input order, from the stored rows (so a
+resumed job writes it the same way), to a temp file renamed into place only when every input
+is embedded or failed.
 
-The store lives in one writer thread: the event loop never waits on the disk, except when the
-writes fall behind (then it stops pulling new texts: backpressure). The input is read, hashed
-and looked up in the store a few blocks ahead of the texts being sent, in small steps between
-the loop's other work, so a request slot that frees up finds its texts ready.
+The store lives in one writer thread, the output file in another: the event loop never waits
+on the disk, except when the writes fall behind (then it stops pulling new texts:
+backpressure). The input is read, hashed and looked up in the store a few blocks ahead of the
+texts being sent, in small steps between the loop's other work, so a request slot that frees
+up finds its texts ready.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import itertools
 import os
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -32,18 +34,20 @@ import orjson
 
 from ._batching import estimate_tokens
 from ._client import AsyncClient
-from ._corpus import Record, read_records, write_output
+from ._corpus import OutputFile, RecordBlock, read_blocks
 from ._exceptions import APIError
 from ._jobstore import JobStore, VectorCache, cache_key, job_path, text_hash
+from ._stream import TextBlocks
 
 __all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
 
 T = TypeVar("T")
 
 _READ_BLOCK = 1024  # records read, hashed and looked up together
-_READ_STEP = 1024  # records read between two turns of the event loop
 _BLOCKS_AHEAD = 2  # blocks read and looked up ahead of the one being sent
 _MAX_PENDING_WRITES = 16_384  # vectors waiting for the writer thread before we stop pulling
+_OUTPUT_STEP = 2048  # rows read back from the store and handed to the output thread at a time
+_OUTPUT_QUEUE = 2  # steps waiting for the output thread before the store's thread waits
 
 JobStatus = Literal["complete", "failures", "budget", "interrupted"]
 
@@ -106,23 +110,143 @@ class JobResult:
 
 @attrs.frozen(eq=False)
 class _Block:
-    """Records read ahead, with their text hashes, cache keys, and the future of their store
-    and cache lookups (queued when the commit count was ``seq``)."""
+    """Records read ahead (``texts[k]`` at ``positions[k]`` with ``ids[k]``), with their text
+    hashes, cache keys, and the future of their store and cache lookups (queued when the
+    commit count was ``seq``)."""
 
     seq: int
-    records: list[Record]
+    positions: list[int]
+    ids: list[str]
+    texts: list[str]
     hashes: list[bytes]
     keys: list[bytes] | None
     lookup: asyncio.Future[tuple[dict[bytes, int], dict[bytes, np.ndarray]]]
 
 
+class _OutputFollower:
+    """Writes the output file while the job runs, instead of after it.
+
+    Lives in the store's thread: after each store write, the stored rows of the run of finished
+    positions (embedded, copied or failed) from ``cursor`` on are read back (just written: from
+    the page cache) and handed, in position order, to a second thread that encodes and writes
+    them. A resumed job's earlier rows go the same way, a step at a time between the store's
+    other work. ``commit`` when every position is finished; ``abort`` otherwise.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        output: Path,
+        finished: np.ndarray,
+        schedule: Callable[[Callable[[], None]], object],
+    ) -> None:
+        self.store = store
+        self.output = output
+        self.finished = finished  # one bool per position
+        self.cursor = 0  # positions before it are handed over
+        self.rows = 0  # rows handed over
+        self._schedule = schedule  # runs a function later in the store's thread
+        self._scheduled = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="togembed-out")
+        self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+        self._file: OutputFile | None = None  # created with the first row (its dim known then)
+        self._error: BaseException | None = None
+        self._closed = False  # no more steps
+        self._ended = False  # committed or aborted
+
+    def mark(self, positions: list[int]) -> None:
+        """These positions are finished (stored or failed for good)."""
+        self.finished[positions] = True
+        self.advance()
+
+    def advance(self) -> None:
+        """Hand over one step of finished rows, and schedule the next step if it is ready."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            return
+        self._step()
+        if not self._scheduled and self.cursor < len(self.finished) and self.finished[self.cursor]:
+            self._scheduled = True
+            self._schedule(self._scheduled_step)
+
+    def _scheduled_step(self) -> None:
+        self._scheduled = False
+        try:
+            self.advance()
+        except BaseException as exc:  # raised by the next mark() or commit()
+            self._error = self._error or exc
+
+    def _step(self) -> int:
+        """Hand over the finished rows of up to ``_OUTPUT_STEP`` positions; how many passed."""
+        start = self.cursor
+        window = self.finished[start : start + _OUTPUT_STEP]
+        gaps = np.flatnonzero(~window)
+        stop = start + (int(gaps[0]) if len(gaps) else len(window))
+        if stop > start:
+            ids, vectors = self.store.rows_between(start, stop)
+            self.cursor = stop
+            if ids:
+                while len(self._pending) >= _OUTPUT_QUEUE:
+                    self._pending.popleft().result()
+                self._pending.append(self._pool.submit(self._write, ids, vectors))
+                self.rows += len(ids)
+        return stop - start
+
+    def _write(self, ids: list[str], vectors: np.ndarray) -> None:  # in the output thread
+        if self._file is None:
+            self._file = OutputFile.create(
+                self.output, dim=vectors.shape[1], max_rows=len(self.finished)
+            )
+        self._file.write(ids, vectors)
+
+    def commit(self, count: int) -> Path | None:
+        """Every position is finished: write what is left, check that the file holds the
+        ``count`` stored rows, and move it into place (None: no rows, no file)."""
+        if self._error is not None:
+            raise self._error
+        while self.cursor < len(self.finished):
+            if not self._step():
+                raise RuntimeError(f"position {self.cursor} is not finished; output not written")
+        self._closed = True
+        while self._pending:
+            self._pending.popleft().result()
+        file = self._file
+        if file is None and count == 0:
+            result = None
+        elif file is None:
+            raise RuntimeError(f"{count} rows stored, none written; output not written")
+        else:
+            self._pool.submit(file.commit, count).result()
+            result = self.output
+        self._ended = True
+        self._pool.shutdown()
+        return result
+
+    def abort(self) -> None:
+        """Drop the temp output (the job is not complete, or failed); nothing after commit."""
+        if self._ended:
+            return
+        self._ended = self._closed = True
+        for f in self._pending:
+            with contextlib.suppress(BaseException):
+                f.result()
+        self._pending.clear()
+        file = self._file
+        if file is not None:
+            self._pool.submit(file.abort).result()
+        self._pool.shutdown()
+
+
 class _Writer:
-    """The job store and cache, used only from one thread; group commits of queued batches."""
+    """The job store and cache, used only from one thread; group commits of queued batches;
+    the output file following the store."""
 
     def __init__(self) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="togembed-store")
         self.store: JobStore | None = None
         self.cache: VectorCache | None = None
+        self.output: _OutputFollower | None = None
         self._queued: list[tuple[list[int], list[str], np.ndarray, list[bytes]]] = []
         self._queued_rows = 0
         self._flush: asyncio.Future[None] | None = None
@@ -174,6 +298,29 @@ class _Writer:
         # _MAX_PENDING_WRITES vectors).
         vectors = [g[2] for g in groups]
         self.store.record_batch(positions, ids, vectors, hashes=hashes)
+        self._finished(positions)
+
+    def _finished(self, positions: list[int]) -> None:
+        if self.output is not None:
+            self.output.mark(positions)
+
+    async def record_duplicates(self, copies: list[tuple[int, str, int]]) -> None:
+        """Record copies of stored rows (their sources must be committed)."""
+
+        def record() -> None:
+            assert self.store is not None
+            self.store.record_duplicates(copies)
+            self._finished([pos for pos, _, _ in copies])
+
+        await self.call(record)
+
+    async def record_failures(self, failures: list[tuple[int, str, str]]) -> None:
+        def record() -> None:
+            assert self.store is not None
+            self.store.record_failures(failures)
+            self._finished([pos for pos, _, _ in failures])
+
+        await self.call(record)
 
     async def drain(self) -> None:
         """Wait until everything queued is committed."""
@@ -187,6 +334,8 @@ class _Writer:
 
     def close(self) -> None:
         def shut() -> None:
+            if self.output is not None:
+                self.output.abort()  # nothing, after a commit
             for resource in (self.store, self.cache):
                 if resource is not None:
                     resource.close()
@@ -295,6 +444,10 @@ class _Job:
         failed = await w.call(store.failed_positions)
         p.done_before = int(done.sum())
         p.failed_before = len(failed)
+        finished = done.copy()
+        finished[list(failed)] = True
+        w.output = _OutputFollower(store, opts.output, finished, w.pool.submit)
+        await w.call(w.output.advance)  # a resumed job's earlier rows, step by step
         self.on_progress(p)
 
         if p.done_before + p.failed_before < p.total:
@@ -302,25 +455,22 @@ class _Job:
         await w.drain()
         return await self._finish()
 
+    def _blocks(self) -> Iterator[RecordBlock]:
+        opts = self.opts
+        return read_blocks(
+            opts.input, id_field=opts.id_field, text_field=opts.text_field, size=_READ_BLOCK
+        )
+
     def _id_pairs(self) -> Iterator[tuple[int, str]]:
-        for r in read_records(
-            self.opts.input, id_field=self.opts.id_field, text_field=self.opts.text_field
-        ):
-            yield r.pos, r.id
+        for block in self._blocks():
+            yield from enumerate(block.ids, start=block.start)
 
     # -- sending ---------------------------------------------------------------------------
 
     async def _embed(self, done: np.ndarray, failed: set[int]) -> None:
-        records = (
-            r
-            for r in read_records(
-                self.opts.input, id_field=self.opts.id_field, text_field=self.opts.text_field
-            )
-            if not done[r.pos] and r.pos not in failed
-        )
-        texts = self._texts_to_send(records)
+        texts = self._texts_to_send(done, failed)
         stream = self.client.embed_stream(
-            texts, model=self.opts.model, window=self.opts.window, errors="collect"
+            TextBlocks(texts), model=self.opts.model, window=self.opts.window, errors="collect"
         )
         try:
             async with contextlib.aclosing(stream):
@@ -330,41 +480,50 @@ class _Job:
             # Stops its reader task now, not whenever the garbage collector gets to it.
             await texts.aclose()
 
-    async def _texts_to_send(self, records: Iterator[Record]) -> AsyncGenerator[str, None]:
-        """Yield the texts that need the API; record copies and cache hits on the way.
+    async def _texts_to_send(
+        self, done: np.ndarray, failed: set[int]
+    ) -> AsyncGenerator[list[str], None]:
+        """Yield the texts that need the API, about a batch at a time; record copies and
+        cache hits on the way.
 
         A reader task reads, hashes and looks up blocks ahead of this one (``_read_ahead``):
         the stream never waits for a block to be read or for its lookups (queued behind a
         commit and its fsyncs) when a request slot frees up."""
         blocks: asyncio.Queue[_Block | BaseException | None] = asyncio.Queue(_BLOCKS_AHEAD)
-        reader = asyncio.ensure_future(self._read_ahead(records, blocks))
+        reader = asyncio.ensure_future(self._read_ahead(done, failed, blocks))
+        size = self.client.batch_size
         try:
             while (item := await blocks.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 known, found = await item.lookup
                 copies: list[tuple[int, str, int]] = []
-                hits: list[tuple[Record, bytes, np.ndarray]] = []
+                hits: list[tuple[int, str, bytes, np.ndarray]] = []
                 recorded, in_flight, sent = self.recorded, self.in_flight_hash, self.sent
-                keys = item.keys
-                for k, r in enumerate(item.records):
-                    h = item.hashes[k]
+                positions, ids, texts, keys = item.positions, item.ids, item.texts, item.keys
+                out: list[str] = []
+                for k, h in enumerate(item.hashes):
                     key = keys[k] if keys is not None else None
                     if h in known:
-                        copies.append((r.pos, r.id, known[h]))
+                        copies.append((positions[k], ids[k], known[h]))
                     elif h in recorded:
-                        copies.append((r.pos, r.id, recorded[h]))
+                        copies.append((positions[k], ids[k], recorded[h]))
                     elif h in in_flight:
-                        self.waiting.setdefault(in_flight[h], []).append((r.pos, r.id))
+                        self.waiting.setdefault(in_flight[h], []).append((positions[k], ids[k]))
                     elif key is not None and key in found:
-                        hits.append((r, h, found[key]))
+                        hits.append((positions[k], ids[k], h, found[key]))
                     else:
                         if self._out_of_budget():
                             break
-                        in_flight[h] = r.pos
-                        sent.append((r.pos, r.id, h, key))
-                        self.progress.tokens_sent += estimate_tokens(r.text)
-                        yield r.text
+                        in_flight[h] = positions[k]
+                        sent.append((positions[k], ids[k], h, key))
+                        self.progress.tokens_sent += estimate_tokens(texts[k])
+                        out.append(texts[k])
+                        if len(out) == size:
+                            yield out
+                            out = []
+                if out:
+                    yield out
                 await self._record_found(copies, hits)
                 if self.stopped_by is not None:
                     return
@@ -379,31 +538,36 @@ class _Job:
                     item.lookup.cancel()
 
     async def _read_ahead(
-        self, records: Iterator[Record], blocks: asyncio.Queue[_Block | BaseException | None]
+        self,
+        done: np.ndarray,
+        failed: set[int],
+        blocks: asyncio.Queue[_Block | BaseException | None],
     ) -> None:
-        """Read, hash and look up blocks of records into ``blocks`` (then None, or the error
-        reading raised), a few records at a time: the event loop does it while it would wait
-        for answers. A lookup is queued in the writer thread as soon as its block is read; a
-        row committed before that is found by it (the writer thread runs commits and lookups
-        in order), later ones are still in `recorded`."""
+        """Read, hash and look up blocks of the records still to do into ``blocks`` (then
+        None, or the error reading raised): the event loop does it while it would wait for
+        answers. A lookup is queued in the writer thread as soon as its block is read; a row
+        committed before that is found by it (the writer thread runs commits and lookups in
+        order), later ones are still in `recorded`."""
         store, cache = self.w.store, self.w.cache
         assert store is not None
         try:
-            while True:
-                block: list[Record] = []
-                hashes: list[bytes] = []
-                keys: list[bytes] | None = [] if cache is not None else None
-                while len(block) < _READ_BLOCK:
-                    step = list(itertools.islice(records, _READ_STEP))
-                    block += step
-                    hashes += [text_hash(r.text) for r in step]
-                    if keys is not None:
-                        keys += [self._cache_key(r.text) for r in step]
-                    if len(step) < _READ_STEP:
-                        break
-                    await asyncio.sleep(0)
-                if not block:
-                    break
+            for block in self._blocks():
+                start, stop = block.start, block.start + len(block.ids)
+                if done[start:stop].any() or failed:  # a resumed job: keep what is left
+                    keep = [
+                        k
+                        for k in range(stop - start)
+                        if not done[start + k] and start + k not in failed
+                    ]
+                    positions = [start + k for k in keep]
+                    ids = [block.ids[k] for k in keep]
+                    texts = [block.texts[k] for k in keep]
+                else:
+                    positions, ids, texts = list(range(start, stop)), block.ids, block.texts
+                if not texts:
+                    continue
+                hashes = [text_hash(t) for t in texts]
+                keys = [self._cache_key(t) for t in texts] if cache is not None else None
 
                 def lookup(
                     hashes: list[bytes] = hashes, keys: list[bytes] | None = keys
@@ -413,7 +577,9 @@ class _Job:
                     return known, found
 
                 await blocks.put(
-                    _Block(self.commit_seq, block, hashes, keys, self.w.submit(lookup))
+                    _Block(
+                        self.commit_seq, positions, ids, texts, hashes, keys, self.w.submit(lookup)
+                    )
                 )
         except Exception as exc:  # e.g. a bad record: raised where the texts reach it
             await blocks.put(exc)
@@ -421,19 +587,19 @@ class _Job:
             await blocks.put(None)
 
     async def _record_found(
-        self, copies: list[tuple[int, str, int]], hits: list[tuple[Record, bytes, np.ndarray]]
+        self, copies: list[tuple[int, str, int]], hits: list[tuple[int, str, bytes, np.ndarray]]
     ) -> None:
         """Record a block's copies of stored texts and its cache hits."""
         if copies:
             await self.w.drain()  # sources recorded moments ago must be committed first
-            await self.w.call(self.w.store.record_duplicates, copies)  # type: ignore[union-attr]
+            await self.w.record_duplicates(copies)
             self.progress.deduplicated += len(copies)
         if hits:
             await self.w.add_batch(
-                [r.pos for r, _, _ in hits],
-                [r.id for r, _, _ in hits],
-                np.stack([v for _, _, v in hits]),
-                [h for _, h, _ in hits],
+                [pos for pos, _, _, _ in hits],
+                [rid for _, rid, _, _ in hits],
+                np.stack([v for _, _, _, v in hits]),
+                [h for _, _, h, _ in hits],
             )
             self.progress.cached += len(hits)
         self.on_progress(self.progress)
@@ -482,10 +648,10 @@ class _Job:
                     copies.append((wpos, wid, pos))
         if copies:
             await self.w.drain()  # the source rows must be committed first
-            await self.w.call(self.w.store.record_duplicates, copies)  # type: ignore[union-attr]
+            await self.w.record_duplicates(copies)
             self.progress.deduplicated += len(copies)
         if failures:
-            await self.w.call(self.w.store.record_failures, failures)  # type: ignore[union-attr]
+            await self.w.record_failures(failures)
             self.progress.failed += len(failures)
         self.on_progress(self.progress)
 
@@ -509,19 +675,17 @@ class _Job:
             await w.call(_write_failures, store, fails)
         elif fails.exists():
             fails.unlink()
+        output = w.output
+        assert output is not None
         if counts.done + counts.failed < p.total:
+            await w.call(output.abort)
             status: JobStatus = self.stopped_by or "interrupted"
             return JobResult(status, p, None, fails if counts.failed else None)
-        if counts.done:
-            dim = store.dim
-            assert dim is not None
-            await w.call(
-                lambda: write_output(opts.output, store.iter_rows(), dim=dim, count=counts.done)
-            )
+        written = await w.call(output.commit, counts.done)
         return JobResult(
             "failures" if counts.failed else "complete",
             p,
-            opts.output if counts.done else None,
+            written,
             fails if counts.failed else None,
         )
 

@@ -722,6 +722,19 @@ class JobStore:
         finally:
             cursor.close()
 
+    def rows_between(self, start: int, stop: int) -> tuple[list[str], np.ndarray]:
+        """Ids and vectors ((n, dim), read-only) of the stored positions in [start, stop), in
+        position order: one query and one read per run of consecutive rows of the file."""
+        if self._dim is None:
+            return [], np.empty((0, 0), dtype="<f4")
+        rows = self._conn.execute(
+            "SELECT id, row FROM vectors WHERE pos >= ? AND pos < ? ORDER BY pos", (start, stop)
+        ).fetchall()
+        if not rows:
+            return [], np.empty((0, self._dim), dtype="<f4")
+        where = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+        return [r[0] for r in rows], self._read_rows(where, self._dim)
+
     def _read_rows(self, rows: np.ndarray, dim: int) -> np.ndarray:
         """The vectors at these rows of the vectors file, (len(rows), dim), read-only: one
         read per run of consecutive rows."""

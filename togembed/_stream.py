@@ -15,7 +15,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import overload
+from typing import cast, overload
 
 import attrs
 import numpy as np
@@ -25,7 +25,7 @@ from ._exceptions import APIError, APIResponseValidationError, APIStatusError, I
 from ._protocol import DecodedBatch
 from ._runner import CallSettings, _Call
 
-__all__ = ["EmbeddingChunk", "EmbeddingStream"]
+__all__ = ["EmbeddingChunk", "EmbeddingStream", "TextBlocks"]
 
 _END = object()
 
@@ -97,15 +97,33 @@ class _Piece:
         return EmbeddingChunk(self.start, rows, self.errors)
 
 
+class TextBlocks:
+    """An async iterable of lists of texts, for a source that has its texts in blocks (the
+    corpus job): the stream pulls a list at a time instead of a text at a time. Keep blocks
+    to about a batch: the stream holds at most ``window`` texts plus one block."""
+
+    def __init__(self, blocks: AsyncIterable[list[str]]) -> None:
+        self.blocks = blocks
+
+
 def _puller(texts: object) -> Callable[[], Awaitable[object]]:
-    """``await pull()`` gives the next item or ``_END``, for sync and async sources alike."""
+    """``await pull()`` gives a list of the next items (one, unless the source is
+    ``TextBlocks``) or ``_END``, for sync and async sources alike."""
     if isinstance(texts, str):  # one text, as in ``embed``, not its characters
         texts = [texts]
+    if isinstance(texts, TextBlocks):
+        blocks = aiter(texts.blocks)
+
+        async def pull_block() -> object:
+            return await anext(blocks, _END)
+
+        return pull_block
     if isinstance(texts, AsyncIterable):
         aitems = aiter(texts)
 
         async def pull_async() -> object:
-            return await anext(aitems, _END)
+            item = await anext(aitems, _END)
+            return item if item is _END else (item,)
 
         return pull_async
     try:
@@ -119,7 +137,8 @@ def _puller(texts: object) -> Callable[[], Awaitable[object]]:
         ) from None
 
     async def pull() -> object:
-        return next(items, _END)
+        item = next(items, _END)
+        return item if item is _END else (item,)
 
     return pull
 
@@ -221,23 +240,24 @@ class EmbeddingStream:
                     self.room.clear()
                     await self.room.wait()
                 continue
-            item = await pull()
-            if item is _END:
+            items = await pull()
+            if items is _END:
                 await self._flush()
                 return
-            if not isinstance(item, str):
-                position = self._start + len(self._texts)
-                raise InvalidInputError(
-                    f"input {position}: {describe_invalid(item)}", index=position
-                )
-            self.held += 1
-            tokens = estimate_tokens(item)
-            if self._texts and self._tokens + tokens > self.s.max_tokens:
-                await self._flush()
-            self._texts.append(item)
-            self._tokens += tokens
-            if len(self._texts) >= self.s.max_items:
-                await self._flush()
+            for item in cast("Sequence[object]", items):
+                if not isinstance(item, str):
+                    position = self._start + len(self._texts)
+                    raise InvalidInputError(
+                        f"input {position}: {describe_invalid(item)}", index=position
+                    )
+                self.held += 1
+                tokens = estimate_tokens(item)
+                if self._texts and self._tokens + tokens > self.s.max_tokens:
+                    await self._flush()
+                self._texts.append(item)
+                self._tokens += tokens
+                if len(self._texts) >= self.s.max_items:
+                    await self._flush()
 
     async def _flush(self) -> None:
         """Send the batch being cut, if any, as soon as a sender is free."""
