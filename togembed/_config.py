@@ -14,8 +14,11 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_ENCODING_FORMAT",
+    "DEFAULT_HOST",
+    "DEFAULT_LOCAL_MODEL",
     "DEFAULT_MAX_BATCH_TOKENS",
     "DEFAULT_MAX_RETRIES",
+    "DEFAULT_PORT",
     "DEFAULT_TIMEOUT",
     "EncodingFormat",
     "RetryPolicy",
@@ -24,6 +27,11 @@ __all__ = [
 EncodingFormat = Literal["base64", "float"]
 
 DEFAULT_BASE_URL = "https://api.together.xyz/v1"
+# `togembed serve` and `--local`: loopback only unless asked; vLLM's and most OpenAI-compatible
+# local servers' default port; the int8 MiniLM, the model a plain `pip install` can run.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_LOCAL_MODEL = "sentence-transformers/all-MiniLM-L6-v2-int8"
 # Seconds for one HTTP attempt (connect + send + full body). A 128-input batch answers in well
 # under a second; 60 s leaves room for a loaded server without hanging a request handler forever.
 DEFAULT_TIMEOUT = 60.0

@@ -48,6 +48,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from ._config import DEFAULT_LOCAL_MODEL
 from ._exceptions import InvalidInputError, TogembedError
 
 __all__ = [
@@ -61,8 +62,6 @@ __all__ = [
 ]
 
 INSTALL_HINT = "pip install 'togembed[local]'"
-
-DEFAULT_LOCAL_MODEL = "sentence-transformers/all-MiniLM-L6-v2-int8"
 
 # A call with few texts is split between the worker threads, in passes of at least this many
 # tokens (a pass costs ~5 ms besides its tokens; one core computes ~3000 tokens/s).

@@ -40,7 +40,7 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from ._config import is_loopback_url
+from ._config import DEFAULT_HOST, DEFAULT_PORT, is_loopback_url
 from ._listen import listen
 
 __all__ = [
@@ -61,9 +61,6 @@ __all__ = [
 
 logger = logging.getLogger("togembed")
 
-DEFAULT_HOST = "127.0.0.1"
-# vLLM's and most OpenAI-compatible local servers' default; the CLI may pick another.
-DEFAULT_PORT = 8000
 # Texts per model call: sentence-transformers' default batch size, a good CPU trade-off between
 # per-call overhead and padding waste.
 DEFAULT_MAX_BATCH = 32

@@ -18,6 +18,9 @@ from ._client import AsyncClient
 from ._config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
+    DEFAULT_HOST,
+    DEFAULT_LOCAL_MODEL,
+    DEFAULT_PORT,
     is_loopback_url,
     resolve_api_key,
     resolve_base_url,
@@ -26,9 +29,9 @@ from ._corpus import INPUT_SUFFIXES, OUTPUT_SUFFIXES, read_records
 from ._exceptions import APIError, TogembedError
 from ._job import JobOptions, JobProgress, JobResult, run_job
 from ._jobstore import job_path
-from ._local_model import DEFAULT_LOCAL_MODEL
-from ._nearest import load_output, nearest
-from ._serve import DEFAULT_HOST, DEFAULT_PORT, local_server, serve
+
+# The server (aiohttp.web), the local model and the nearest-neighbour display are imported
+# where they are used: `togembed embed` against an API needs none of them.
 
 __all__ = ["main"]
 
@@ -232,6 +235,8 @@ async def _embed(
             if local:
                 if not quiet:
                     click.echo(f"starting a local server for {opts.model} ...", err=True)
+                from ._serve import local_server
+
                 client_kwargs["base_url"] = await stack.enter_async_context(
                     local_server(opts.model)
                 )
@@ -270,6 +275,8 @@ async def _show_nearest(
     client: AsyncClient, opts: JobOptions, output: Path, queries: tuple[str, ...], k: int = 5
 ) -> None:
     """Embed each query with the same client and print its nearest inputs (ids and texts)."""
+    from ._nearest import load_output, nearest
+
     ids, matrix = load_output(output)
     vectors = await client.embed(list(queries), model=opts.model)
     hits = {q: nearest(matrix, v, k) for q, v in zip(queries, vectors, strict=True)}
@@ -398,6 +405,8 @@ def serve_command(
           --model sentence-transformers/all-MiniLM-L6-v2-int8
     """
     try:
+        from ._serve import serve
+
         asyncio.run(serve(host, port, model, api_key, aliases=alias))
     except TogembedError as exc:
         click.echo(f"error: {exc}", err=True)
