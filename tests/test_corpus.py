@@ -291,6 +291,9 @@ def test_parquet_output_round_trip(tmp_path: Path) -> None:
         8192,
         20_000 - 2 * 8192,
     ]
+    id_chunk, vector_chunk = (pf.metadata.row_group(0).column(i) for i in range(2))
+    assert (id_chunk.compression, id_chunk.is_stats_set) == ("SNAPPY", True)
+    assert (vector_chunk.compression, vector_chunk.is_stats_set) == ("UNCOMPRESSED", False)
     table = pq.read_table(path)
     assert table.column("id").to_pylist() == ids
     flat = table.column("embedding").combine_chunks().flatten().to_numpy()

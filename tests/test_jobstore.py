@@ -35,6 +35,16 @@ from togembed._jobstore import (
     vectors_path,
 )
 
+
+def stored_hashes(store: JobStore) -> dict[bytes, list[int]]:
+    """Text hash -> the positions stored with it, sorted."""
+    found: dict[bytes, list[int]] = {}
+    for hashes, positions in store.iter_hashes():
+        for h, p in zip(hashes, positions, strict=True):
+            found.setdefault(h, []).append(p)
+    return {h: sorted(p) for h, p in found.items()}
+
+
 META = {"model": "m1", "options": "float", "input": "/data/c.txt", "size": 10, "mtime": 1.5}
 DIM = 4
 
@@ -117,11 +127,8 @@ def test_rows_are_stored_alike_by_both_insert_paths(store: JobStore) -> None:
     rows = list(store.iter_rows())
     assert [rid for rid, _ in rows] == [*ids, "short-a", "short-b"]
     np.testing.assert_array_equal(np.stack([v for _, v in rows]), vecs_for(list(range(6))))
-    assert store.lookup_texts([text_hash("☃ snow"), b"bb", b"a"]) == {
-        text_hash("☃ snow"): 1,
-        b"bb": 5,
-        b"a": 4,
-    }
+    hashes = stored_hashes(store)
+    assert (hashes[text_hash("☃ snow")], hashes[b"bb"], hashes[b"a"]) == ([1], [5], [4])
     with pytest.raises(DuplicateIdError, match="id 'é' appears twice"):
         store.record_batch([6], ["é"], vecs_for([6]), hashes=[text_hash("other")])
 
@@ -308,23 +315,18 @@ def test_record_batch_with_a_duplicate_id_records_nothing(store: JobStore) -> No
     assert store.counts().done == 2
 
 
-def test_dedup_lookup_and_copy(store: JobStore) -> None:
+def test_dedup_hashes_and_copy(store: JobStore) -> None:
     record(store, [0, 1, 2])
-    wanted = [
-        text_hash("text 1"),
-        text_hash("never seen"),
-        text_hash("text 1"),
-        text_hash("text 2"),
-    ]
-    assert store.lookup_texts(wanted) == {text_hash("text 1"): 1, text_hash("text 2"): 2}
+    assert stored_hashes(store) == {text_hash(f"text {p}"): [p] for p in range(3)}
     store.record_failures([(10, "dup-a", "old failure")])
     store.record_duplicates([(10, "dup-a", 1), (11, "dup-b", 2)])
     rows = dict(store.iter_rows())
     np.testing.assert_array_equal(rows["dup-a"], rows["id1"])
     np.testing.assert_array_equal(rows["dup-b"], rows["id2"])
     assert store.failed_positions() == set()
-    # The copies carry the hash too: still one answer per text.
-    assert store.lookup_texts([text_hash("text 1")]) == {text_hash("text 1"): 1}
+    # The copies carry their source's hash.
+    hashes = stored_hashes(store)
+    assert hashes[text_hash("text 1")] == [1, 10] and hashes[text_hash("text 2")] == [2, 11]
 
 
 def test_record_duplicates_needs_a_stored_source(store: JobStore) -> None:
@@ -334,12 +336,14 @@ def test_record_duplicates_needs_a_stored_source(store: JobStore) -> None:
     assert store.counts().done == 1  # all or nothing
 
 
-def test_lookup_many_hashes(store: JobStore) -> None:
-    positions = list(range(1200))  # more than one IN (...) chunk
+def test_iter_hashes_in_chunks(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_jobstore, "_HASH_CHUNK", 500)
+    positions = list(range(1200))
     record(store, positions)
-    found = store.lookup_texts([text_hash(f"text {p}") for p in positions])
-    assert len(found) == 1200
-    assert found[text_hash("text 1199")] == 1199
+    chunks = list(store.iter_hashes())
+    assert [len(h) for h, _ in chunks] == [500, 500, 200]
+    found = {h: p for hashes, pos in chunks for h, p in zip(hashes, pos, strict=True)}
+    assert found == {text_hash(f"text {p}"): p for p in positions}
 
 
 def test_text_hash() -> None:
@@ -466,7 +470,7 @@ def test_a_job_of_the_old_format_asks_for_restart(path: Path) -> None:
     conn.execute("INSERT INTO meta VALUES ('schema', '1'), ('job', ?)", (json.dumps(META),))
     conn.commit()
     conn.close()
-    with pytest.raises(JobMismatchError, match=r"job format 1, this one reads 2.*--restart"):
+    with pytest.raises(JobMismatchError, match=r"job format 1, this one reads 3.*--restart"):
         JobStore.open(path, meta=META)
     assert not vectors_path(path).exists()
     JobStore.delete(path)  # what --restart does
@@ -590,7 +594,7 @@ def test_sigkill_never_leaves_a_partial_batch(tmp_path: Path, synchronous: str) 
                 part = rows[k : k + 4096]
                 p = np.asarray([int(rid[3:] if rid[0] == "d" else rid[2:]) for rid, _ in part])
                 np.testing.assert_array_equal(np.stack([v for _, v in part]), expected(p, dim))
-            assert s.lookup_texts([text_hash("t0")]) == {text_hash("t0"): 0}
+            assert stored_hashes(s)[text_hash("t0")] == [0]
 
 
 # -- the cache ----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every answer is recorded in the job store (vectors appended to a file, their rows committed to
 SQLite, one transaction per group of batches) as it arrives, so a job killed at any moment and
 started again re-sends only what was in flight.
-Identical texts are sent once; a vector cache shared between jobs skips what any job already
+Identical texts are sent once (a ``TextIndex`` in memory knows every stored text; a resumed
+job loads it from the store); a vector cache shared between jobs skips what any job already
 paid for; inputs the server rejects for good are recorded as failures and the job goes on.
 The output file is written while the job runs, in input order, from the stored rows (so a
 resumed job writes it the same way), to a temp file renamed into place only when every input
@@ -11,9 +12,8 @@ is embedded or failed.
 
 The store lives in one writer thread, the output file in another: the event loop never waits
 on the disk, except when the writes fall behind (then it stops pulling new texts:
-backpressure). The input is read, hashed and looked up in the store a few blocks ahead of the
-texts being sent, in small steps between the loop's other work, so a request slot that frees
-up finds its texts ready.
+backpressure). The input is read and hashed (and looked up in the cache) a couple of blocks
+ahead of the texts being sent, so a request slot that frees up finds its texts ready.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ._corpus import OutputFile, RecordBlock, read_blocks
 from ._exceptions import APIError
 from ._jobstore import JobStore, VectorCache, cache_key, job_path, text_hash
 from ._stream import TextBlocks
+from ._textindex import TextIndex
 
 __all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
 
@@ -111,16 +112,14 @@ class JobResult:
 @attrs.frozen(eq=False)
 class _Block:
     """Records read ahead (``texts[k]`` at ``positions[k]`` with ``ids[k]``), with their text
-    hashes, cache keys, and the future of their store and cache lookups (queued when the
-    commit count was ``seq``)."""
+    hashes, and with ``--cache`` their cache keys and the future of their cache lookup."""
 
-    seq: int
     positions: list[int]
     ids: list[str]
     texts: list[str]
     hashes: list[bytes]
     keys: list[bytes] | None
-    lookup: asyncio.Future[tuple[dict[bytes, int], dict[bytes, np.ndarray]]]
+    cached: asyncio.Future[dict[bytes, np.ndarray]] | None
 
 
 class _OutputFollower:
@@ -250,8 +249,6 @@ class _Writer:
         self._queued: list[tuple[list[int], list[str], np.ndarray, list[bytes]]] = []
         self._queued_rows = 0
         self._flush: asyncio.Future[None] | None = None
-        # Told the text hashes of rows once they are committed (dedup may then copy them).
-        self.on_committed: Callable[[list[bytes]], None] = lambda hashes: None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self.submit(fn, *args, **kwargs)
@@ -277,12 +274,10 @@ class _Writer:
     def _start_flush(self) -> None:
         groups, self._queued, self._queued_rows = self._queued, [], 0
         self._flush = flush = asyncio.ensure_future(self.call(self._write_groups, groups))
-        hashes = [h for g in groups for h in g[3]]
 
         def committed(f: asyncio.Future[None]) -> None:
             if f.cancelled() or f.exception() is not None:
                 return
-            self.on_committed(hashes)
             # What queued up meanwhile is committed now, not when the next batch arrives.
             if self._queued and self._flush is f:
                 self._start_flush()
@@ -406,24 +401,16 @@ class _Job:
         # Dedup of texts in flight: hash -> first position sent; that position -> waiting copies.
         self.in_flight_hash: dict[bytes, int] = {}
         self.waiting: dict[int, list[tuple[int, str]]] = {}
-        # Rows recorded this run but perhaps not yet committed: hash -> position.
-        self.recorded: dict[bytes, int] = {}
-        self.committed_at: dict[bytes, int] = {}
-        self.commit_seq = 0
-        writer.on_committed = self._committed
+        # Dedup of stored texts: every row recorded (this run or before) by text hash; and the
+        # rows recorded since the block being sent looked its texts up in it.
+        self.index = TextIndex()
+        self.recorded_since: dict[bytes, int] = {}
         self.cache_options = f"{client.encoding_format}"
 
-    def _committed(self, hashes: list[bytes]) -> None:
-        self.commit_seq += 1
-        for h in hashes:
-            if h in self.recorded:
-                self.committed_at[h] = self.commit_seq
-
-    def _forget_committed(self, seq: int) -> None:
-        """Drop rows a store lookup submitted after commit ``seq`` can see."""
-        for h in [h for h, at in self.committed_at.items() if at <= seq]:
-            del self.committed_at[h]
-            self.recorded.pop(h, None)
+    def _recorded(self, hashes: list[bytes], positions: list[int]) -> None:
+        """Rows queued for the store (not yet committed: a copy of them must drain first)."""
+        self.index.add(hashes, positions)
+        self.recorded_since.update(zip(hashes, positions, strict=True))
 
     async def run(self) -> JobResult:
         opts, w, p = self.opts, self.w, self.progress
@@ -442,6 +429,8 @@ class _Job:
             await w.call(store.clear_failures)
         done = await w.call(store.done_bitmap, p.total)
         failed = await w.call(store.failed_positions)
+        if done.any():  # a resumed job: the texts embedded before, for dedup
+            self.index = await w.call(_load_index, store)
         p.done_before = int(done.sum())
         p.failed_before = len(failed)
         finished = done.copy()
@@ -487,8 +476,8 @@ class _Job:
         cache hits on the way.
 
         A reader task reads, hashes and looks up blocks ahead of this one (``_read_ahead``):
-        the stream never waits for a block to be read or for its lookups (queued behind a
-        commit and its fsyncs) when a request slot frees up."""
+        the stream never waits for a block to be read or for its cache lookup (queued behind
+        a commit and its fsyncs) when a request slot frees up."""
         blocks: asyncio.Queue[_Block | BaseException | None] = asyncio.Queue(_BLOCKS_AHEAD)
         reader = asyncio.ensure_future(self._read_ahead(done, failed, blocks))
         size = self.client.batch_size
@@ -496,16 +485,18 @@ class _Job:
             while (item := await blocks.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                known, found = await item.lookup
+                found = await item.cached if item.cached is not None else {}
+                known = self.index.lookup(item.hashes)
+                self.recorded_since = recorded = {}
                 copies: list[tuple[int, str, int]] = []
                 hits: list[tuple[int, str, bytes, np.ndarray]] = []
-                recorded, in_flight, sent = self.recorded, self.in_flight_hash, self.sent
+                in_flight, sent = self.in_flight_hash, self.sent
                 positions, ids, texts, keys = item.positions, item.ids, item.texts, item.keys
                 out: list[str] = []
                 for k, h in enumerate(item.hashes):
                     key = keys[k] if keys is not None else None
-                    if h in known:
-                        copies.append((positions[k], ids[k], known[h]))
+                    if known[k] >= 0:
+                        copies.append((positions[k], ids[k], known[k]))
                     elif h in recorded:
                         copies.append((positions[k], ids[k], recorded[h]))
                     elif h in in_flight:
@@ -527,15 +518,14 @@ class _Job:
                 await self._record_found(copies, hits)
                 if self.stopped_by is not None:
                     return
-                self._forget_committed(item.seq)
         finally:
             reader.cancel()
             while not blocks.empty():  # lookups no one will read
                 item = blocks.get_nowait()
-                if isinstance(item, _Block):
-                    if item.lookup.done() and not item.lookup.cancelled():
-                        item.lookup.exception()  # retrieved: no "never retrieved" warning
-                    item.lookup.cancel()
+                if isinstance(item, _Block) and item.cached is not None:
+                    if item.cached.done() and not item.cached.cancelled():
+                        item.cached.exception()  # retrieved: no "never retrieved" warning
+                    item.cached.cancel()
 
     async def _read_ahead(
         self,
@@ -543,13 +533,10 @@ class _Job:
         failed: set[int],
         blocks: asyncio.Queue[_Block | BaseException | None],
     ) -> None:
-        """Read, hash and look up blocks of the records still to do into ``blocks`` (then
-        None, or the error reading raised): the event loop does it while it would wait for
-        answers. A lookup is queued in the writer thread as soon as its block is read; a row
-        committed before that is found by it (the writer thread runs commits and lookups in
-        order), later ones are still in `recorded`."""
-        store, cache = self.w.store, self.w.cache
-        assert store is not None
+        """Read, hash and (in the cache) look up blocks of the records still to do into
+        ``blocks`` (then None, or the error reading raised): the event loop does it while it
+        would wait for answers."""
+        cache = self.w.cache
         try:
             for block in self._blocks():
                 start, stop = block.start, block.start + len(block.ids)
@@ -567,20 +554,11 @@ class _Job:
                 if not texts:
                     continue
                 hashes = [text_hash(t) for t in texts]
-                keys = [self._cache_key(t) for t in texts] if cache is not None else None
-
-                def lookup(
-                    hashes: list[bytes] = hashes, keys: list[bytes] | None = keys
-                ) -> tuple[dict[bytes, int], dict[bytes, np.ndarray]]:
-                    known = store.lookup_texts(hashes)
-                    found = cache.get_many(keys) if cache is not None and keys else {}
-                    return known, found
-
-                await blocks.put(
-                    _Block(
-                        self.commit_seq, positions, ids, texts, hashes, keys, self.w.submit(lookup)
-                    )
-                )
+                keys = cached = None
+                if cache is not None:
+                    keys = [self._cache_key(t) for t in texts]
+                    cached = self.w.submit(cache.get_many, keys)
+                await blocks.put(_Block(positions, ids, texts, hashes, keys, cached))
         except Exception as exc:  # e.g. a bad record: raised where the texts reach it
             await blocks.put(exc)
         else:
@@ -595,11 +573,10 @@ class _Job:
             await self.w.record_duplicates(copies)
             self.progress.deduplicated += len(copies)
         if hits:
+            positions, hashes = [pos for pos, _, _, _ in hits], [h for _, _, h, _ in hits]
+            self._recorded(hashes, positions)
             await self.w.add_batch(
-                [pos for pos, _, _, _ in hits],
-                [rid for _, rid, _, _ in hits],
-                np.stack([v for _, _, _, v in hits]),
-                [h for _, _, h, _ in hits],
+                positions, [rid for _, rid, _, _ in hits], np.stack([v for *_, v in hits]), hashes
             )
             self.progress.cached += len(hits)
         self.on_progress(self.progress)
@@ -624,9 +601,9 @@ class _Job:
         ok = [k for k in range(len(items)) if start + k not in errors]
         if ok:
             rows = vectors[ok] if len(ok) < len(items) else vectors
-            for k in ok:  # before queuing: the commit may land while add_batch waits
-                self.recorded[items[k][2]] = items[k][0]
             positions = [items[k][0] for k in ok]
+            # Before queuing: the commit may land while add_batch waits.
+            self._recorded([items[k][2] for k in ok], positions)
             await self.w.add_batch(
                 positions, [items[k][1] for k in ok], rows, [items[k][2] for k in ok]
             )
@@ -688,6 +665,13 @@ class _Job:
             written,
             fails if counts.failed else None,
         )
+
+
+def _load_index(store: JobStore) -> TextIndex:
+    index = TextIndex()
+    for hashes, positions in store.iter_hashes():
+        index.add(hashes, positions)
+    return index
 
 
 def _write_failures(store: JobStore, path: Path) -> None:

@@ -10,8 +10,9 @@ A job is two files next to the output:
   - ``ids``       every input id at its position, filled by a cheap pre-pass over the input
                   (``register_ids``) so an id used twice stops the job before anything is paid
                   for.
-  - ``vectors``   pos (primary key), id (unique), text hash (indexed, for dedup), and ``row``:
-                  where the vector is in the vectors file. Duplicates share their source's row.
+  - ``vectors``   pos (primary key), id (unique), text hash (not indexed: a job loads them
+                  into a ``TextIndex`` when it resumes), and ``row``: where the vector is in
+                  the vectors file. Duplicates share their source's row.
   - ``failures``  pos, id, reason: inputs that can never succeed; a later success removes them.
 
 - ``<OUTPUT>.togembed-job.vectors``, the vectors: raw little-endian float32 rows of ``dim``,
@@ -33,9 +34,8 @@ bytes it refers to: ``open`` forgets (and the job re-embeds) rows past the end o
 found shorter than ``vec_rows``, but a file system that keeps a file's new length and loses its
 new data (ext4's default ``data=ordered`` and XFS do not) would leave zeros there: use FULL if
 power losses matter. FULL costs two fsyncs per call. Measured (this Linux VM's disk; batches of
-512 x 768 float32, FULL): ~130k vectors/s on a fresh job, ~25k/s averaged over 1M vectors as
-the hash index grows (its random inserts, not the vectors, are then most of the cost), so
-recording is not the bottleneck. On a disk with slow fsync, pass more rows per call.
+512 x 768 float32, FULL): ~130k vectors/s on a fresh job, so recording is not the bottleneck.
+On a disk with slow fsync, pass more rows per call.
 
 Locking. A job is run by one process: the store holds SQLite's exclusive lock from ``open`` to
 ``close`` (released by the OS if the process dies), and a second process gets ``JobLockedError``
@@ -92,8 +92,9 @@ __all__ = [
 
 log = logging.getLogger("togembed")
 
-# The job format. 1: vectors as BLOBs in SQLite; 2: vectors in a file beside it.
-SCHEMA_VERSION = 2
+# The job format. 1: vectors as BLOBs in SQLite; 2: vectors in a file beside it; 3: text
+# hashes not indexed.
+SCHEMA_VERSION = 3
 _CACHE_SCHEMA_VERSION = 1
 _JOB_SUFFIX = ".togembed-job.sqlite"
 _VECTORS_SUFFIX = ".vectors"
@@ -101,6 +102,7 @@ _IN_CHUNK = 500  # host parameters per IN (...) query, far below SQLite's limit
 _READ_CHUNK = 1024
 _READ_BYTES = 2 << 20  # vector bytes iter_rows reads at a time
 _REGISTER_CHUNK = 50_000
+_HASH_CHUNK = 65_536  # rows per chunk of iter_hashes
 _HASH_SIZE = 16  # bytes of a text hash
 # A batch's rows in one statement: (pos, id) pairs as a JSON array, the hashes concatenated.
 # (executemany releases and retakes the GIL at every row; with the event loop's thread busy,
@@ -111,9 +113,9 @@ _INSERT_BATCH = (
     "SELECT value ->> 0, value ->> 1, substr(?2, ?3 * key + 1, ?3), ?4 + key FROM json_each(?1)"
 )
 # Big pages hold several of the cache's 3 KB vectors each (a 4 KB page holds one and wastes a
-# quarter). The job file's rows are small, and its hash index takes inserts at random places:
+# quarter). The job file's rows are small, and its id index takes inserts at random places:
 # a commit rewrites every page it touched, and smaller pages write less (measured over 1M rows
-# in batches of 512: 14% less CPU with 4 KB pages than with 16 KB).
+# in batches of 512, when hashes were indexed too: 14% less CPU with 4 KB pages than 16 KB).
 _PAGE_SIZE = 16384
 _JOB_PAGE_SIZE = 4096
 _MISSING = object()
@@ -129,7 +131,6 @@ CREATE TABLE vectors (
     hash BLOB NOT NULL,
     row INTEGER NOT NULL
 );
-CREATE INDEX vectors_hash ON vectors (hash);
 CREATE TABLE failures (pos INTEGER PRIMARY KEY, id TEXT NOT NULL, reason TEXT NOT NULL);
 """
 
@@ -664,19 +665,15 @@ class JobStore:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def lookup_texts(self, hashes: Sequence[bytes]) -> dict[bytes, int]:
-        """For dedup: text hash -> a position whose vector is stored, for the hashes found."""
-        found: dict[bytes, int] = {}
-        unique = list(dict.fromkeys(bytes(h) for h in hashes))
-        for chunk in _chunks(unique, _IN_CHUNK):
-            marks = ",".join("?" * len(chunk))
-            found.update(
-                self._conn.execute(
-                    f"SELECT hash, min(pos) FROM vectors WHERE hash IN ({marks}) GROUP BY hash",
-                    chunk,
-                )
-            )
-        return found
+    def iter_hashes(self) -> Iterator[tuple[list[bytes], list[int]]]:
+        """(text hashes, positions) of the stored rows, in chunks: what dedup needs to know
+        about the work of earlier runs."""
+        cursor = self._conn.execute("SELECT hash, pos FROM vectors")
+        try:
+            while rows := cursor.fetchmany(_HASH_CHUNK):
+                yield [r[0] for r in rows], [r[1] for r in rows]
+        finally:
+            cursor.close()
 
     def done_bitmap(self, size: int = 0) -> np.ndarray:
         """A bool array, True where a vector is stored; its length is ``size`` or one past the
