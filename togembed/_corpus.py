@@ -54,7 +54,8 @@ PARQUET_ROW_GROUP = 8192
 _PARQUET_ROW_GROUP_BYTES = 32 << 20
 _PARQUET_READ_BATCH = 4096
 _BLOCK = 1024  # records read at a time
-_WRITE_BLOCK = 1024  # rows write_output hands to an OutputFile at a time
+_WRITE_BLOCK = 1024
+_SYNC_BYTES = 16 << 20  # an output is synced to disk each time this much more was written  # rows write_output hands to an OutputFile at a time
 _COUNT_CHUNK = 1 << 20
 # csv refuses fields over 128 KiB by default; a document can be longer than that.
 _CSV_FIELD_LIMIT = 2**31 - 1
@@ -438,6 +439,9 @@ class OutputFile:
         self.written = 0
         self._temps: list[tuple[Path, Path]] = []  # (temp, target), renamed in this order
         self._done = False
+        # Vector bytes written since the last fdatasync: synced as the file grows, so that
+        # commit() waits for the last few MB, not for the whole file (a job's last step).
+        self._unsynced = 0
 
     @staticmethod
     def create(path: str | os.PathLike[str], *, dim: int, max_rows: int) -> OutputFile:
@@ -468,6 +472,11 @@ class OutputFile:
             raise CorpusError(f"more than the {self.max_rows} rows announced", path=self.path)
         self._write(ids, vectors)
         self.written += len(ids)
+        self._unsynced += vectors.nbytes
+        if self._unsynced >= _SYNC_BYTES:
+            self._unsynced = 0
+            for tmp, _ in self._temps:
+                _fsync_file(tmp, data_only=True)
 
     def commit(self, count: int) -> int:
         """Check that ``count`` rows were written, finish the file, make it durable and move it
@@ -637,11 +646,15 @@ class _JsonlOutput(OutputFile):
         self._file.close()
 
 
-def _fsync_file(path: Path) -> None:
-    """Data on disk before the rename, so a power loss cannot leave an empty file in place."""
+def _fsync_file(path: Path, *, data_only: bool = False) -> None:
+    """Data on disk before the rename, so a power loss cannot leave an empty file in place.
+    (Any descriptor of a file syncs all of its data the kernel has.)"""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        if data_only and hasattr(os, "fdatasync"):
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
