@@ -54,8 +54,8 @@ PARQUET_ROW_GROUP = 8192
 _PARQUET_ROW_GROUP_BYTES = 32 << 20
 _PARQUET_READ_BATCH = 4096
 _BLOCK = 1024  # records read at a time
-_WRITE_BLOCK = 1024
-_SYNC_BYTES = 16 << 20  # an output is synced to disk each time this much more was written  # rows write_output hands to an OutputFile at a time
+_WRITE_BLOCK = 1024  # rows write_output hands to an OutputFile at a time
+_SYNC_BYTES = 16 << 20  # an output is synced to disk each time this much more was written
 _COUNT_CHUNK = 1 << 20
 # csv refuses fields over 128 KiB by default; a document can be longer than that.
 _CSV_FIELD_LIMIT = 2**31 - 1

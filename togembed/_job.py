@@ -125,11 +125,13 @@ class _Block:
 class _OutputFollower:
     """Writes the output file while the job runs, instead of after it.
 
-    Lives in the store's thread: after each store write, the stored rows of the run of finished
-    positions (embedded, copied or failed) from ``cursor`` on are read back (just written: from
-    the page cache) and handed, in position order, to a second thread that encodes and writes
-    them. A resumed job's earlier rows go the same way, a step at a time between the store's
-    other work. ``commit`` when every position is finished; ``abort`` otherwise.
+    Lives in the store's thread: the rows of the run of finished positions (embedded, copied
+    or failed) from ``cursor`` on are handed, in position order, to a second thread that
+    encodes and writes them. Answers come as runs of consecutive positions, offered before
+    the store commits them (the file is renamed into place only after every commit), and go
+    from memory; other rows (copies, a resumed job's earlier rows) are read back from the
+    store once committed, a step at a time between the store's other work. ``commit`` when
+    every position is finished; ``abort`` otherwise.
     """
 
     def __init__(
@@ -149,9 +151,20 @@ class _OutputFollower:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="togembed-out")
         self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
         self._file: OutputFile | None = None  # created with the first row (its dim known then)
+        # Rows in memory, first position -> (ids, vectors) of consecutive positions.
+        self._fresh: dict[int, tuple[list[str], np.ndarray]] = {}
         self._error: BaseException | None = None
         self._closed = False  # no more steps
         self._ended = False  # committed or aborted
+
+    def offer(self, positions: list[int], ids: list[str], vectors: np.ndarray) -> None:
+        """Rows about to be stored: kept to be written from memory if their positions are
+        consecutive (else they are read back once stored)."""
+        n = len(positions)
+        consecutive = n > 0 and positions[-1] - positions[0] == n - 1 and n == len(vectors)
+        if consecutive and (n == 1 or bool((np.diff(positions) == 1).all())):
+            self._fresh[positions[0]] = (ids, vectors)
+            self.finished[positions[0] : positions[0] + n] = True
 
     def mark(self, positions: list[int]) -> None:
         """These positions are finished (stored or failed for good)."""
@@ -182,14 +195,24 @@ class _OutputFollower:
         window = self.finished[start : start + _OUTPUT_STEP]
         gaps = np.flatnonzero(~window)
         stop = start + (int(gaps[0]) if len(gaps) else len(window))
-        if stop > start:
+        if stop == start:
+            return 0
+        fresh = self._fresh.pop(start, None)
+        if fresh is not None:
+            ids, vectors = fresh
+            if len(ids) > stop - start:  # the rest is for the next step
+                self._fresh[stop] = (ids[stop - start :], vectors[stop - start :])
+                ids, vectors = ids[: stop - start], vectors[: stop - start]
+            stop = start + len(ids)
+        else:  # stored rows, up to the next rows in memory
+            stop = min([stop, *(p for p in self._fresh if p > start)])
             ids, vectors = self.store.rows_between(start, stop)
-            self.cursor = stop
-            if ids:
-                while len(self._pending) >= _OUTPUT_QUEUE:
-                    self._pending.popleft().result()
-                self._pending.append(self._pool.submit(self._write, ids, vectors))
-                self.rows += len(ids)
+        self.cursor = stop
+        if ids:
+            while len(self._pending) >= _OUTPUT_QUEUE:
+                self._pending.popleft().result()
+            self._pending.append(self._pool.submit(self._write, ids, vectors))
+            self.rows += len(ids)
         return stop - start
 
     def _write(self, ids: list[str], vectors: np.ndarray) -> None:  # in the output thread
@@ -227,6 +250,7 @@ class _OutputFollower:
         if self._ended:
             return
         self._ended = self._closed = True
+        self._fresh.clear()
         for f in self._pending:
             with contextlib.suppress(BaseException):
                 f.result()
@@ -292,6 +316,10 @@ class _Writer:
         # The groups' arrays as they are: written with one pwritev, not joined (a copy of up to
         # _MAX_PENDING_WRITES vectors).
         vectors = [g[2] for g in groups]
+        if self.output is not None:  # written while the store commits them
+            for group in groups:
+                self.output.offer(group[0], group[1], group[2])
+            self.output.advance()
         self.store.record_batch(positions, ids, vectors, hashes=hashes)
         self._finished(positions)
 
@@ -492,8 +520,21 @@ class _Job:
                 hits: list[tuple[int, str, bytes, np.ndarray]] = []
                 in_flight, sent = self.in_flight_hash, self.sent
                 positions, ids, texts, keys = item.positions, item.ids, item.texts, item.keys
+                hashes = item.hashes
+                if self._all_new(item, known):  # the usual block: every text is sent
+                    for a in range(0, len(texts), size):
+                        if self._out_of_budget():
+                            break
+                        b = a + size
+                        in_flight.update(zip(hashes[a:b], positions[a:b], strict=True))
+                        sent.extend(
+                            zip(positions[a:b], ids[a:b], hashes[a:b], [None] * size, strict=False)
+                        )
+                        self.progress.tokens_sent += sum(map(estimate_tokens, texts[a:b]))
+                        yield texts[a:b]
+                    hashes = []  # nothing left for the loop below
                 out: list[str] = []
-                for k, h in enumerate(item.hashes):
+                for k, h in enumerate(hashes):
                     key = keys[k] if keys is not None else None
                     if known[k] >= 0:
                         copies.append((positions[k], ids[k], known[k]))
@@ -581,6 +622,18 @@ class _Job:
             self.progress.cached += len(hits)
         self.on_progress(self.progress)
 
+    def _all_new(self, item: _Block, known: list[int]) -> bool:
+        """No text of the block is stored, in flight, repeated in it, or (no cache) a cache
+        hit, and no token budget needs counting text by text."""
+        hashes = item.hashes
+        return (
+            item.keys is None
+            and self.opts.max_tokens is None
+            and max(known, default=-1) < 0
+            and len(set(hashes)) == len(hashes)
+            and self.in_flight_hash.keys().isdisjoint(hashes)
+        )
+
     def _cache_key(self, text: str) -> bytes:
         return cache_key(self.opts.model, self.cache_options, text)
 
@@ -597,32 +650,41 @@ class _Job:
     # -- recording -------------------------------------------------------------------------
 
     async def _record_chunk(self, vectors: np.ndarray, errors: Any, start: int) -> None:
-        items = [self.sent.popleft() for _ in range(len(vectors))]
-        ok = [k for k in range(len(items)) if start + k not in errors]
-        if ok:
-            rows = vectors[ok] if len(ok) < len(items) else vectors
-            positions = [items[k][0] for k in ok]
+        """Record a chunk of answers (``errors``: stream position -> error) and what waited on
+        its texts: copies of them, or failures with them."""
+        sent, in_flight, n = self.sent, self.in_flight_hash, len(vectors)
+        items = [sent.popleft() for _ in range(n)]
+        positions, ids, hashes, keys = (list(column) for column in zip(*items, strict=True))
+        for h in hashes:
+            in_flight.pop(h, None)
+        bad = sorted(p - start for p in errors)
+        rows = vectors
+        ok_positions, ok_ids, ok_hashes, ok_keys = positions, ids, hashes, keys
+        if bad:
+            bad_set = set(bad)
+            ok = [k for k in range(n) if k not in bad_set]
+            rows = vectors[ok]
+            ok_positions = [positions[k] for k in ok]
+            ok_ids = [ids[k] for k in ok]
+            ok_hashes = [hashes[k] for k in ok]
+            ok_keys = [keys[k] for k in ok]
+        if ok_positions:
             # Before queuing: the commit may land while add_batch waits.
-            self._recorded([items[k][2] for k in ok], positions)
-            await self.w.add_batch(
-                positions, [items[k][1] for k in ok], rows, [items[k][2] for k in ok]
-            )
-            self.progress.embedded += len(ok)
+            self._recorded(ok_hashes, ok_positions)
+            await self.w.add_batch(ok_positions, ok_ids, rows, ok_hashes)
+            self.progress.embedded += len(ok_positions)
             if self.w.cache is not None:
-                await self._cache_store([items[k] for k in ok], rows)
-        failures = [
-            (items[k][0], items[k][1], str(errors[start + k]))
-            for k in range(len(items))
-            if start + k in errors
-        ]
+                pairs = [(key, rows[k]) for k, key in enumerate(ok_keys) if key is not None]
+                await self.w.call(self.w.cache.put_many, pairs)
+        failures = [(positions[k], ids[k], str(errors[start + k])) for k in bad]
         copies: list[tuple[int, str, int]] = []
-        for k, (pos, _id, h, _key) in enumerate(items):
-            self.in_flight_hash.pop(h, None)
-            for wpos, wid in self.waiting.pop(pos, ()):
-                if start + k in errors:
-                    failures.append((wpos, wid, str(errors[start + k])))
-                else:
-                    copies.append((wpos, wid, pos))
+        if self.waiting:  # copies of these texts, read while they were in flight
+            for k, pos in enumerate(positions):
+                for wpos, wid in self.waiting.pop(pos, ()):
+                    if start + k in errors:
+                        failures.append((wpos, wid, str(errors[start + k])))
+                    else:
+                        copies.append((wpos, wid, pos))
         if copies:
             await self.w.drain()  # the source rows must be committed first
             await self.w.record_duplicates(copies)
@@ -631,14 +693,6 @@ class _Job:
             await self.w.record_failures(failures)
             self.progress.failed += len(failures)
         self.on_progress(self.progress)
-
-    async def _cache_store(
-        self, items: list[tuple[int, str, bytes, bytes | None]], rows: np.ndarray
-    ) -> None:
-        cache = self.w.cache
-        assert cache is not None
-        pairs = [(key, rows[k]) for k, (_, _, _, key) in enumerate(items) if key is not None]
-        await self.w.call(cache.put_many, pairs)
 
     # -- the end ---------------------------------------------------------------------------
 
