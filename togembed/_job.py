@@ -443,6 +443,7 @@ class _Job:
     async def run(self) -> JobResult:
         opts, w, p = self.opts, self.w, self.progress
         path = job_path(opts.output)
+        await w.call(OutputFile.prepare, opts.output)
         if opts.restart:
             JobStore.delete(path)
         w.store = store = await w.call(JobStore.open, path, meta=_meta(opts))
