@@ -18,6 +18,7 @@ from helpers import MakeServer
 from togembed import AsyncClient, _job
 from togembed._corpus import npy_ids_path
 from togembed._job import JobOptions, run_job
+from togembed._jobstore import JobStore
 from togembed.testing import fake_embeddings
 
 DIM = 16
@@ -128,3 +129,34 @@ async def test_output_is_written_during_the_job_and_appears_only_when_complete(
             dtype=np.float32,
         )
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("memory", [0, 32 << 20])
+async def test_output_rows_come_from_memory_or_from_the_store(
+    tmp_path: Path, make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, memory: int
+) -> None:
+    """Answers go to the output from memory; when the output is behind (no memory left for
+    it), they are read back from the store once committed. Same file either way."""
+    monkeypatch.setattr(_job, "_OUTPUT_MEMORY", memory)
+    reads: list[tuple[int, int]] = []
+    rows_between = JobStore.rows_between
+
+    def spy(self: JobStore, start: int, stop: int) -> tuple[list[str], np.ndarray]:
+        reads.append((start, stop))
+        return rows_between(self, start, stop)
+
+    monkeypatch.setattr(JobStore, "rows_between", spy)
+    texts = [f"text {k}" for k in range(300)] + ["text 7"]  # one copy, read from the store
+    src = tmp_path / "in.txt"
+    src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "out.npy"
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url, batch_size=16) as client:
+        result = await run_job(client, JobOptions(input=src, output=out, model="m"))
+    assert result.status == "complete"
+    np.testing.assert_array_equal(np.load(out), fake_embeddings(texts, DIM))
+    read = sum(stop - start for start, stop in reads)
+    if memory:
+        assert read <= 1  # only the copy at position 300
+    else:
+        assert read == len(texts)

@@ -51,7 +51,7 @@ OUTPUT_SUFFIXES = (".parquet", ".npy", ".jsonl")
 
 PARQUET_ROW_GROUP = 8192
 # ...or fewer rows for wide vectors: the writer holds about three copies of a row group.
-_PARQUET_ROW_GROUP_BYTES = 32 << 20
+_PARQUET_ROW_GROUP_BYTES = 16 << 20
 _PARQUET_READ_BATCH = 4096
 _BLOCK = 1024  # records read at a time
 _WRITE_BLOCK = 1024  # rows write_output hands to an OutputFile at a time
@@ -401,7 +401,7 @@ def write_output(
     chosen by suffix; returns the rows written. (``OutputFile`` writes one block at a time.)
 
     - .parquet: columns ``id`` (string) and ``embedding`` (fixed_size_list<float32>[dim]),
-      row groups of 8192 rows (fewer when vectors are wider than 1024: at most 32 MiB).
+      row groups of 8192 rows (fewer when vectors are wider than 512: at most 16 MiB).
     - .npy: a float32 array of shape (count, dim), plus ``<stem>.ids.txt`` beside it with one id
       per line in the same order (so ids must not contain line breaks).
     - .jsonl: one ``{"id": ..., "embedding": [...]}`` per line.

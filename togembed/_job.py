@@ -46,9 +46,12 @@ T = TypeVar("T")
 
 _READ_BLOCK = 1024  # records read, hashed and looked up together
 _BLOCKS_AHEAD = 2  # blocks read and looked up ahead of the one being sent
-_MAX_PENDING_WRITES = 16_384  # vectors waiting for the writer thread before we stop pulling
+_MAX_PENDING_WRITES = 4096  # vectors waiting for the writer thread before we stop pulling
 _OUTPUT_STEP = 2048  # rows read back from the store and handed to the output thread at a time
 _OUTPUT_QUEUE = 2  # steps waiting for the output thread before the store's thread waits
+# Answers kept in memory for the output thread; beyond this (the output is behind), they are
+# read back from the store once committed.
+_OUTPUT_MEMORY = 16 << 20
 
 JobStatus = Literal["complete", "failures", "budget", "interrupted"]
 
@@ -153,6 +156,7 @@ class _OutputFollower:
         self._file: OutputFile | None = None  # created with the first row (its dim known then)
         # Rows in memory, first position -> (ids, vectors) of consecutive positions.
         self._fresh: dict[int, tuple[list[str], np.ndarray]] = {}
+        self._fresh_bytes = 0
         self._error: BaseException | None = None
         self._closed = False  # no more steps
         self._ended = False  # committed or aborted
@@ -161,9 +165,12 @@ class _OutputFollower:
         """Rows about to be stored: kept to be written from memory if their positions are
         consecutive (else they are read back once stored)."""
         n = len(positions)
+        if self._fresh_bytes + vectors.nbytes > _OUTPUT_MEMORY:  # the output is behind
+            return
         consecutive = n > 0 and positions[-1] - positions[0] == n - 1 and n == len(vectors)
         if consecutive and (n == 1 or bool((np.diff(positions) == 1).all())):
             self._fresh[positions[0]] = (ids, vectors)
+            self._fresh_bytes += vectors.nbytes
             self.finished[positions[0] : positions[0] + n] = True
 
     def mark(self, positions: list[int]) -> None:
@@ -203,6 +210,7 @@ class _OutputFollower:
             if len(ids) > stop - start:  # the rest is for the next step
                 self._fresh[stop] = (ids[stop - start :], vectors[stop - start :])
                 ids, vectors = ids[: stop - start], vectors[: stop - start]
+            self._fresh_bytes -= vectors.nbytes
             stop = start + len(ids)
         else:  # stored rows, up to the next rows in memory
             stop = min([stop, *(p for p in self._fresh if p > start)])
@@ -251,6 +259,7 @@ class _OutputFollower:
             return
         self._ended = self._closed = True
         self._fresh.clear()
+        self._fresh_bytes = 0
         for f in self._pending:
             with contextlib.suppress(BaseException):
                 f.result()
