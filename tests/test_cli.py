@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import os
 import signal
 import sqlite3
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
+from togembed import _corpus
 from togembed import cli as cli_module
 from togembed._corpus import npy_ids_path
 from togembed._job import _Writer, failures_path
@@ -851,3 +853,45 @@ def test_quiet_prints_only_the_summary(tmp_path: Path, server: Server) -> None:
     assert "texts/s" not in result.stderr
     assert "100 of 100 inputs done" in result.stderr
     assert result.stdout == ""
+
+
+def test_missing_output_directory_is_a_usage_error(tmp_path: Path, server: Server) -> None:
+    src = write_txt(tmp_path / "in.txt", make_texts(5))
+    out = tmp_path / "nowhere" / "out.parquet"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    assert result.exit_code == 2
+    assert f"directory {out.parent} does not exist" in result.stderr
+    assert "Traceback" not in result.output
+    assert server.stats()["inputs"] == 0
+
+
+def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
+    tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = make_texts(300)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    calls = 0
+    write = _corpus._ParquetOutput._write
+
+    def full_disk(self: Any, ids: Any, vectors: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, ids, vectors)
+
+    monkeypatch.setattr(_corpus._ParquetOutput, "_write", full_disk)
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", "20")
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr
+    assert "progress is saved" in result.stderr
+    assert not out.exists() and not (tmp_path / ".out.parquet.togembed-tmp").exists()
+    paid = server.stats()["inputs"]
+    monkeypatch.setattr(_corpus._ParquetOutput, "_write", write)
+    assert invoke(*args).exit_code == 0
+    ids, vectors = read_output(out)
+    assert ids == [str(k) for k in range(1, 301)]
+    np.testing.assert_array_equal(vectors, fake_embeddings(texts, DIM))
+    assert server.stats()["inputs"] - paid < 300  # the first run's stored work was kept

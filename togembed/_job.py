@@ -406,12 +406,14 @@ async def run_job(
         api_error = True
         raise
     finally:
-        if writer.store is not None:
-            await asyncio.shield(writer.drain())
-            if api_error:  # e.g. a wrong model or key, refused at the first request
-                counts = await writer.call(writer.store.counts)
-                discard = counts.done == 0 and counts.failed == 0
-        writer.close()
+        try:
+            if writer.store is not None:
+                await asyncio.shield(writer.drain())  # raises if a commit failed
+                if api_error:  # e.g. a wrong model or key, refused at the first request
+                    counts = await writer.call(writer.store.counts)
+                    discard = counts.done == 0 and counts.failed == 0
+        finally:
+            writer.close()  # whatever happened: threads stopped, temp output dropped, unlocked
         if discard:  # nothing paid for: the corrected command starts afresh, not a "mismatch"
             JobStore.delete(job_path(opts.output))
 

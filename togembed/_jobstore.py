@@ -362,7 +362,12 @@ class JobStore:
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
         path = Path(path)
         given = _json_value(meta)
-        conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        if not path.parent.is_dir():
+            raise TogembedError(f"cannot create {path}: directory {path.parent} does not exist")
+        try:
+            conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise TogembedError(f"cannot open the job file {path}: {exc}") from exc
         fd = -1
         try:
             conn.execute(f"PRAGMA page_size = {_JOB_PAGE_SIZE}")  # only takes effect on a new file
@@ -398,7 +403,7 @@ class JobStore:
                     f"{path} is in use by another togembed process; wait for it to finish "
                     "or stop it"
                 ) from None
-            raise
+            raise TogembedError(f"cannot open the job file {path}: {exc}") from exc
         except BaseException:
             _close_files(conn, fd)
             raise

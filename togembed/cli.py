@@ -257,7 +257,7 @@ async def _embed(
             if queries and result.output is not None:
                 await _show_nearest(client, opts, result.output, queries)
             return code
-    except APIError as exc:
+    except (APIError, OSError) as exc:  # OSError: e.g. the disk is full
         display.close()
         click.echo(f"error: {exc}", err=True)
         if job_path(opts.output).exists():
