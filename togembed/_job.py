@@ -337,20 +337,18 @@ class _Writer:
             self.output.mark(positions)
 
     async def record_duplicates(self, copies: list[tuple[int, str, int]]) -> None:
-        """Record copies of stored rows (their sources must be committed)."""
-
-        def record() -> None:
-            assert self.store is not None
-            self.store.record_duplicates(copies)
-            self._finished([pos for pos, _, _ in copies])
-
-        await self.call(record)
+        """Record (pos, id, source pos) copies of stored rows (the sources must be committed)."""
+        await self._record(JobStore.record_duplicates, copies)
 
     async def record_failures(self, failures: list[tuple[int, str, str]]) -> None:
+        """Record (pos, id, reason) of inputs that failed for good."""
+        await self._record(JobStore.record_failures, failures)
+
+    async def _record(self, method: Callable[[JobStore, Any], None], items: list[Any]) -> None:
         def record() -> None:
             assert self.store is not None
-            self.store.record_failures(failures)
-            self._finished([pos for pos, _, _ in failures])
+            method(self.store, items)
+            self._finished([item[0] for item in items])
 
         await self.call(record)
 
