@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import MakeServer
 
-from togembed import AsyncClient, _job
+from togembed import AsyncClient, _job, _joboutput
 from togembed._corpus import npy_ids_path
 from togembed._job import JobOptions, run_job
 from togembed._jobstore import JobStore
@@ -137,7 +137,7 @@ async def test_output_rows_come_from_memory_or_from_the_store(
 ) -> None:
     """Answers go to the output from memory; when the output is behind (no memory left for
     it), they are read back from the store once committed. Same file either way."""
-    monkeypatch.setattr(_job, "_OUTPUT_MEMORY", memory)
+    monkeypatch.setattr(_joboutput, "_OUTPUT_MEMORY", memory)
     reads: list[tuple[int, int]] = []
     rows_between = JobStore.rows_between
 

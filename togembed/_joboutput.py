@@ -1,0 +1,174 @@
+"""The output of a corpus job, written while the job runs instead of after it.
+
+The job's answers arrive in input order, mostly as runs of consecutive positions; copies of
+stored texts, failures and a resumed job's earlier rows fill the gaps. ``OutputFollower`` keeps
+a cursor: whenever the positions from it on are finished, their rows go, in order, to a thread
+that encodes and writes them (``OutputFile``). Answers go from memory; the other rows are read
+back from the store. Nothing is published before the job is complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ._corpus import OutputFile
+from ._jobstore import JobStore
+
+__all__ = ["OutputFollower"]
+
+_OUTPUT_STEP = 2048  # rows handed to the output thread at a time
+_OUTPUT_QUEUE = 2  # steps waiting for the output thread before the store's thread waits
+# Answers kept in memory for the output thread; beyond this (the output is behind), they are
+# read back from the store once committed.
+_OUTPUT_MEMORY = 16 << 20
+
+
+class OutputFollower:
+    """Writes the output file while the job runs, instead of after it.
+
+    Lives in the store's thread: the rows of the run of finished positions (embedded, copied
+    or failed) from ``cursor`` on are handed, in position order, to a second thread that
+    encodes and writes them. Answers come as runs of consecutive positions, offered before
+    the store commits them (the file is renamed into place only after every commit), and go
+    from memory; other rows (copies, a resumed job's earlier rows) are read back from the
+    store once committed, a step at a time between the store's other work. ``commit`` when
+    every position is finished; ``abort`` otherwise.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        output: Path,
+        finished: np.ndarray,
+        schedule: Callable[[Callable[[], None]], object],
+    ) -> None:
+        self.store = store
+        self.output = output
+        self.finished = finished  # one bool per position
+        self.cursor = 0  # positions before it are handed over
+        self.rows = 0  # rows handed over
+        self._schedule = schedule  # runs a function later in the store's thread
+        self._scheduled = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="togembed-out")
+        self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+        self._file: OutputFile | None = None  # created with the first row (its dim known then)
+        # Rows in memory, first position -> (ids, vectors) of consecutive positions.
+        self._fresh: dict[int, tuple[list[str], np.ndarray]] = {}
+        self._fresh_bytes = 0
+        self._error: BaseException | None = None
+        self._closed = False  # no more steps
+        self._ended = False  # committed or aborted
+
+    def offer(self, positions: list[int], ids: list[str], vectors: np.ndarray) -> None:
+        """Rows about to be stored: kept to be written from memory if their positions are
+        consecutive (else they are read back once stored)."""
+        n = len(positions)
+        if self._fresh_bytes + vectors.nbytes > _OUTPUT_MEMORY:  # the output is behind
+            return
+        consecutive = n > 0 and positions[-1] - positions[0] == n - 1 and n == len(vectors)
+        if consecutive and (n == 1 or bool((np.diff(positions) == 1).all())):
+            self._fresh[positions[0]] = (ids, vectors)
+            self._fresh_bytes += vectors.nbytes
+            self.finished[positions[0] : positions[0] + n] = True
+
+    def mark(self, positions: list[int]) -> None:
+        """These positions are finished (stored or failed for good)."""
+        self.finished[positions] = True
+        self.advance()
+
+    def advance(self) -> None:
+        """Hand over one step of finished rows, and schedule the next step if it is ready."""
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            return
+        self._step()
+        if not self._scheduled and self.cursor < len(self.finished) and self.finished[self.cursor]:
+            self._scheduled = True
+            self._schedule(self._scheduled_step)
+
+    def _scheduled_step(self) -> None:
+        self._scheduled = False
+        try:
+            self.advance()
+        except BaseException as exc:  # raised by the next mark() or commit()
+            self._error = self._error or exc
+
+    def _step(self) -> int:
+        """Hand over the finished rows of up to ``_OUTPUT_STEP`` positions; how many passed."""
+        start = self.cursor
+        window = self.finished[start : start + _OUTPUT_STEP]
+        gaps = np.flatnonzero(~window)
+        stop = start + (int(gaps[0]) if len(gaps) else len(window))
+        if stop == start:
+            return 0
+        fresh = self._fresh.pop(start, None)
+        if fresh is not None:
+            ids, vectors = fresh
+            if len(ids) > stop - start:  # the rest is for the next step
+                self._fresh[stop] = (ids[stop - start :], vectors[stop - start :])
+                ids, vectors = ids[: stop - start], vectors[: stop - start]
+            self._fresh_bytes -= vectors.nbytes
+            stop = start + len(ids)
+        else:  # stored rows, up to the next rows in memory
+            stop = min([stop, *(p for p in self._fresh if p > start)])
+            ids, vectors = self.store.rows_between(start, stop)
+        self.cursor = stop
+        if ids:
+            while len(self._pending) >= _OUTPUT_QUEUE:
+                self._pending.popleft().result()
+            self._pending.append(self._pool.submit(self._write, ids, vectors))
+            self.rows += len(ids)
+        return stop - start
+
+    def _write(self, ids: list[str], vectors: np.ndarray) -> None:  # in the output thread
+        if self._file is None:
+            self._file = OutputFile.create(
+                self.output, dim=vectors.shape[1], max_rows=len(self.finished)
+            )
+        self._file.write(ids, vectors)
+
+    def commit(self, count: int) -> Path | None:
+        """Every position is finished: write what is left, check that the file holds the
+        ``count`` stored rows, and move it into place (None: no rows, no file)."""
+        if self._error is not None:
+            raise self._error
+        while self.cursor < len(self.finished):
+            if not self._step():
+                raise RuntimeError(f"position {self.cursor} is not finished; output not written")
+        self._closed = True
+        while self._pending:
+            self._pending.popleft().result()
+        file = self._file
+        if file is None and count == 0:
+            result = None
+        elif file is None:
+            raise RuntimeError(f"{count} rows stored, none written; output not written")
+        else:
+            self._pool.submit(file.commit, count).result()
+            result = self.output
+        self._ended = True
+        self._pool.shutdown()
+        return result
+
+    def abort(self) -> None:
+        """Drop the temp output (the job is not complete, or failed); nothing after commit."""
+        if self._ended:
+            return
+        self._ended = self._closed = True
+        self._fresh.clear()
+        self._fresh_bytes = 0
+        for f in self._pending:
+            with contextlib.suppress(BaseException):
+                f.result()
+        self._pending.clear()
+        file = self._file
+        if file is not None:
+            self._pool.submit(file.abort).result()
+        self._pool.shutdown()
