@@ -736,6 +736,13 @@ def test_bad_input_records_are_usage_errors_before_anything_is_paid(
     )
     assert result.exit_code == 2
     assert "id 'a' appears twice" in result.stderr
+
+    # The last line of a long text file: found by the scan before the first request.
+    bad_txt = tmp_path / "bad.txt"
+    bad_txt.write_bytes("".join(f"line {k}\n" for k in range(5000)).encode() + b"bad \xff\n")
+    result = invoke(bad_txt, "-o", tmp_path / "t.parquet", "-m", MODEL, "--base-url", server.url)
+    assert result.exit_code == 2
+    assert "bad.txt, line 5001: not valid UTF-8" in result.stderr
     assert server.inputs() == 0
     assert "Traceback" not in result.stderr
 

@@ -23,6 +23,7 @@ from togembed._corpus import (
     npy_ids_path,
     read_blocks,
     read_records,
+    scan_records,
     write_output,
 )
 from togembed._exceptions import TogembedError
@@ -121,6 +122,37 @@ def test_blocks_of_other_formats_group_records(tmp_path: Path) -> None:
         (2, ["3", "4"], ["t2", "t3"]),
         (4, ["5"], ["t4"]),
     ]
+
+
+@pytest.mark.parametrize(
+    "data", [b"a\nb\n", b"a\nb", b"", b"\xef\xbb\xbfbom\r\n\n", "caf\u00e9\n\u2603".encode()]
+)
+def test_scan_counts_txt_records_like_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes
+) -> None:
+    monkeypatch.setattr(_corpus, "_COUNT_CHUNK", 3)  # multi-byte characters across chunks
+    path = write(tmp_path / "c.txt", data)
+    assert scan_records(path) == len(records(path))
+
+
+@pytest.mark.parametrize(
+    ("data", "line"), [(b"ok\nfine\nbad \xff\nok\n", 3), (b"ok\ncut \xe2\x98", 2)]
+)
+def test_scan_names_the_bad_txt_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, line: int
+) -> None:
+    monkeypatch.setattr(_corpus, "_COUNT_CHUNK", 4)
+    path = write(tmp_path / "c.txt", data)
+    with pytest.raises(CorpusError, match=f"line {line}: not valid UTF-8"):
+        scan_records(path)
+
+
+def test_scan_reads_other_formats_record_by_record(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.jsonl", '{"text": "a"}\n\n{"text": "b"}\n')
+    assert scan_records(path) == 2
+    write(path, '{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(CorpusError, match="line 2"):
+        scan_records(path)
 
 
 def test_txt_has_no_id_field(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ import orjson
 
 from ._batching import estimate_tokens
 from ._client import AsyncClient
-from ._corpus import OutputFile, RecordBlock, read_blocks
+from ._corpus import OutputFile, RecordBlock, read_blocks, scan_records
 from ._exceptions import APIError
 from ._joboutput import OutputFollower
 from ._jobstore import JobStore, VectorCache, cache_key, job_path, text_hash
@@ -309,9 +309,15 @@ class _Job:
         if opts.cache is not None:
             w.cache = await w.call(VectorCache.open, opts.cache)
         if store.ids_total is None:  # first run: every id checked before anything is paid
-            # Line and row numbers cannot repeat: then the pass only counts (and reads every
-            # record, so a bad one still stops the job before anything is paid for).
-            await w.call(store.register_ids, self._id_pairs(), unique=opts.id_field is None)
+            if opts.id_field is None:
+                # Line and row numbers cannot repeat: the pass only reads every record (a bad
+                # one still stops the job before anything is paid for) and counts them.
+                total = await w.call(
+                    scan_records, opts.input, id_field=None, text_field=opts.text_field
+                )
+                await w.call(store.register_count, total)
+            else:
+                await w.call(store.register_ids, self._id_pairs())
         p.total = store.ids_total or 0
         if opts.retry_failed:
             await w.call(store.clear_failures)

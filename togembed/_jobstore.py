@@ -505,11 +505,16 @@ class JobStore:
                 chunk = []
         if chunk:
             self._insert_ids(chunk)
-        with _transaction(conn):
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('ids_total', ?)", (expected,)
-            )
+        self.register_count(expected)
         return expected
+
+    def register_count(self, total: int) -> None:
+        """What ``register_ids(..., unique=True)`` stores, for a caller that counted the
+        records itself: how many there are."""
+        with _transaction(self._conn):
+            self._conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('ids_total', ?)", (total,)
+            )
 
     def _insert_ids(self, chunk: list[tuple[int, str]]) -> None:
         conn = self._conn
