@@ -52,7 +52,6 @@ class OutputFollower:
         self.output = output
         self.finished = finished  # one bool per position
         self.cursor = 0  # positions before it are handed over
-        self.rows = 0  # rows handed over
         self._schedule = schedule  # runs a function later in the store's thread
         self._scheduled = False
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="togembed-out")
@@ -124,7 +123,6 @@ class OutputFollower:
             while len(self._pending) >= _OUTPUT_QUEUE:
                 self._pending.popleft().result()
             self._pending.append(self._pool.submit(self._write, ids, vectors))
-            self.rows += len(ids)
         return stop - start
 
     def _write(self, ids: list[str], vectors: np.ndarray) -> None:  # in the output thread
