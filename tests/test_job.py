@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -160,3 +162,46 @@ async def test_output_rows_come_from_memory_or_from_the_store(
         assert read <= 1  # only the copy at position 300
     else:
         assert read == len(texts)
+
+
+async def test_paid_but_unrecorded_inputs_never_exceed_concurrency_x_batch(
+    tmp_path: Path, make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a kill at any instant can lose: inputs the server has seen minus rows committed.
+    With commits slower than the server, answers would pile up uncommitted; the job sends a
+    batch only when that stays within concurrency x batch size."""
+    conc, batch = 3, 10
+    committed = 0
+    write_groups = _job._Writer._write_groups
+
+    def slow_commit(self: _job._Writer, groups: list[Any]) -> None:
+        nonlocal committed
+        time.sleep(0.03)
+        write_groups(self, groups)
+        committed += sum(len(g[0]) for g in groups)
+
+    monkeypatch.setattr(_job._Writer, "_write_groups", slow_commit)
+    texts = [f"text {k}" for k in range(400)]
+    src = tmp_path / "in.txt"
+    src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    server = await make_server()
+    gaps: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            gaps.append(server.stats.inputs - committed)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async with AsyncClient(
+            base_url=server.base_url, batch_size=batch, concurrency=conc
+        ) as client:
+            opts = JobOptions(input=src, output=tmp_path / "o.npy", model="m")
+            result = await run_job(client, opts)
+    finally:
+        watcher.cancel()
+    assert result.status == "complete"
+    assert server.stats.inputs == len(texts)
+    assert max(gaps) <= conc * batch
+    assert max(gaps) > batch  # the bound was reached: the test can fail

@@ -131,7 +131,10 @@ class _Writer:
         self.output: OutputFollower | None = None
         self._queued: list[tuple[list[int], list[str], np.ndarray, list[bytes]]] = []
         self._queued_rows = 0
+        self._queued_answers = 0
         self._flush: asyncio.Future[None] | None = None
+        # Told how many of the rows a commit made durable were answers from the API.
+        self.on_committed: Callable[[int], None] = lambda answers: None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self.submit(fn, *args, **kwargs)
@@ -142,11 +145,19 @@ class _Writer:
         return loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
 
     async def add_batch(
-        self, positions: list[int], ids: list[str], vectors: np.ndarray, hashes: list[bytes]
+        self,
+        positions: list[int],
+        ids: list[str],
+        vectors: np.ndarray,
+        hashes: list[bytes],
+        *,
+        answers: bool = True,
     ) -> None:
-        """Queue rows for the next group commit; waits only when the writer falls behind."""
+        """Queue rows (``answers``: from the API, else from the cache) for the next group
+        commit; waits only when the writer falls behind."""
         self._queued.append((positions, ids, vectors, hashes))
         self._queued_rows += len(positions)
+        self._queued_answers += len(positions) if answers else 0
         if self._flush is None or self._flush.done():
             if self._flush is not None:
                 self._flush.result()  # a commit that failed stops the job, not just its rows
@@ -156,11 +167,13 @@ class _Writer:
 
     def _start_flush(self) -> None:
         groups, self._queued, self._queued_rows = self._queued, [], 0
+        answers, self._queued_answers = self._queued_answers, 0
         self._flush = flush = asyncio.ensure_future(self.call(self._write_groups, groups))
 
         def committed(f: asyncio.Future[None]) -> None:
             if f.cancelled() or f.exception() is not None:
                 return
+            self.on_committed(answers)
             # What queued up meanwhile is committed now, not when the next batch arrives.
             if self._queued and self._flush is f:
                 self._start_flush()
@@ -293,6 +306,25 @@ class _Job:
         self.index = TextIndex()
         self.recorded_since: dict[bytes, int] = {}
         self.cache_options = f"{client.encoding_format}"
+        # Texts handed to the stream whose answer is not yet durable (committed, or recorded as
+        # a failure): at most concurrency x batch size, so that a kill at any instant loses at
+        # most that many paid inputs (whether in flight or answered and not yet committed).
+        self.unconfirmed = 0
+        self.max_unconfirmed = client.concurrency * client.batch_size
+        self.confirmed = asyncio.Event()
+        writer.on_committed = self._confirm
+
+    def _confirm(self, answers: int) -> None:
+        self.unconfirmed -= answers
+        self.confirmed.set()
+
+    async def _room_for(self, n: int) -> None:
+        """Wait until ``n`` more texts may be sent (the stream asks before each batch), then
+        count them as unconfirmed."""
+        while self.unconfirmed and self.unconfirmed + n > self.max_unconfirmed:
+            self.confirmed.clear()
+            await self.confirmed.wait()
+        self.unconfirmed += n
 
     def _recorded(self, hashes: list[bytes], positions: list[int]) -> None:
         """Rows queued for the store (not yet committed: a copy of them must drain first)."""
@@ -353,7 +385,10 @@ class _Job:
     async def _embed(self, done: np.ndarray, failed: set[int]) -> None:
         texts = self._texts_to_send(done, failed)
         stream = self.client.embed_stream(
-            TextBlocks(texts), model=self.opts.model, window=self.opts.window, errors="collect"
+            TextBlocks(texts, admit=self._room_for),
+            model=self.opts.model,
+            window=self.opts.window,
+            errors="collect",
         )
         try:
             async with contextlib.aclosing(stream):
@@ -482,9 +517,9 @@ class _Job:
         if hits:
             positions, hashes = [pos for pos, _, _, _ in hits], [h for _, _, h, _ in hits]
             self._recorded(hashes, positions)
-            await self.w.add_batch(
-                positions, [rid for _, rid, _, _ in hits], np.stack([v for *_, v in hits]), hashes
-            )
+            vectors = np.stack([v for *_, v in hits])
+            ids = [rid for _, rid, _, _ in hits]
+            await self.w.add_batch(positions, ids, vectors, hashes, answers=False)
             self.progress.cached += len(hits)
         self.on_progress(self.progress)
 
@@ -558,6 +593,8 @@ class _Job:
         if failures:
             await self.w.record_failures(failures)
             self.progress.failed += len(failures)
+        if bad:
+            self._confirm(len(bad))
         self.on_progress(self.progress)
 
     # -- the end ---------------------------------------------------------------------------

@@ -100,10 +100,17 @@ class _Piece:
 class TextBlocks:
     """An async iterable of lists of texts, for a source that has its texts in blocks (the
     corpus job): the stream pulls a list at a time instead of a text at a time. Keep blocks
-    to about a batch: the stream holds at most ``window`` texts plus one block."""
+    to about a batch: the stream holds at most ``window`` texts plus one block. ``admit(n)``,
+    if given, is awaited before each batch of ``n`` texts is sent (the job's bound on paid
+    inputs that are not yet recorded)."""
 
-    def __init__(self, blocks: AsyncIterable[list[str]]) -> None:
+    def __init__(
+        self,
+        blocks: AsyncIterable[list[str]],
+        admit: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
         self.blocks = blocks
+        self.admit = admit
 
 
 def _puller(texts: object) -> Callable[[], Awaitable[object]]:
@@ -170,6 +177,7 @@ class EmbeddingStream:
         self.window = window
         self.collect = collect
         self.before_send = before_send
+        self.admit = texts.admit if isinstance(texts, TextBlocks) else None
         self.pieces: deque[_Piece] = deque()  # sent, not yet yielded, in input order
         self.running: set[asyncio.Task[None]] = set()
         self.held = 0  # texts pulled and not yet yielded
@@ -268,6 +276,8 @@ class EmbeddingStream:
         texts = self._texts
         batch = Batch(self._start, self._start + len(texts), self._tokens)
         self._start, self._texts, self._tokens = batch.stop, [], 0
+        if self.admit is not None:
+            await self.admit(len(texts))
         await self.slots.acquire()
         piece = _Piece(self, batch.start, batch.size)
         on_input_error = piece.reject if self.collect else None
