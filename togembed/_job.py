@@ -188,10 +188,11 @@ class _Writer:
         # The groups' arrays as they are: written with one pwritev, not joined (a copy of up to
         # _MAX_PENDING_WRITES vectors).
         vectors = [g[2] for g in groups]
-        if self.output is not None:  # written while the store commits them
+        if self.output is not None:  # kept in memory for the output, handed over below
             for group in groups:
                 self.output.offer(group[0], group[1], group[2])
-            self.output.advance()
+        # Committed first: the job waits for this commit before it sends more (the output,
+        # which may wait for its thread, comes after).
         self.store.record_batch(positions, ids, vectors, hashes=hashes)
         self._finished(positions)
 

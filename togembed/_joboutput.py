@@ -99,8 +99,28 @@ class OutputFollower:
         except BaseException as exc:  # raised by the next mark() or commit()
             self._error = self._error or exc
 
-    def _step(self) -> int:
-        """Hand over the finished rows of up to ``_OUTPUT_STEP`` positions; how many passed."""
+    def _output_busy(self) -> bool:
+        """True when ``_OUTPUT_QUEUE`` steps wait for the output thread: then the next step is
+        scheduled for when the oldest is written (the store's thread does not wait for it:
+        commits, which the job waits for before it sends more, go on)."""
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+        if len(self._pending) < _OUTPUT_QUEUE:
+            return False
+        if not self._scheduled:
+            self._scheduled = True
+            self._pending[0].add_done_callback(self._reschedule)
+        return True
+
+    def _reschedule(self, _: object) -> None:  # in the output thread
+        with contextlib.suppress(RuntimeError):  # the job is over: its thread pool is shut
+            self._schedule(self._scheduled_step)
+
+    def _step(self, *, wait: bool = False) -> int:
+        """Hand over the finished rows of up to ``_OUTPUT_STEP`` positions; how many passed
+        (none while the output thread is busy, unless ``wait``)."""
+        if not wait and self._output_busy():
+            return 0
         start = self.cursor
         window = self.finished[start : start + _OUTPUT_STEP]
         gaps = np.flatnonzero(~window)
@@ -138,7 +158,7 @@ class OutputFollower:
         if self._error is not None:
             raise self._error
         while self.cursor < len(self.finished):
-            if not self._step():
+            if not self._step(wait=True):
                 raise RuntimeError(f"position {self.cursor} is not finished; output not written")
         self._closed = True
         while self._pending:
