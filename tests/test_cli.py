@@ -236,9 +236,8 @@ def test_sigkill_halfway_then_rerun_pays_only_for_what_was_in_flight(
             wait_for_inputs(wave_server, proc, n // 2)
             # Requests go out in waves: those that cross the half are just sent. Kill halfway
             # through their round trip, when the answers before them have had ample time to be
-            # committed (a commit takes a few ms) and only they are in flight. (A kill in the
-            # few ms between an answer and its commit also loses that answer: the stream frees
-            # a request slot when the answer arrives, before the job records it.)
+            # committed and only they are in flight: the rerun then pays exactly for them.
+            # (Kills at other moments: the next test.)
             time.sleep(WAVE_LATENCY / 2)
             proc.send_signal(signal.SIGKILL)
         finally:
@@ -259,6 +258,38 @@ def test_sigkill_halfway_then_rerun_pays_only_for_what_was_in_flight(
     paid_total = wave_server.inputs()
     assert paid_total - paid_first == n - committed  # the rerun sent exactly what was missing
     assert paid_total <= n + conc * batch
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.013, 0.029])
+def test_sigkill_at_any_moment_repays_at_most_concurrency_x_batch(
+    tmp_path: Path, server: Server, delay: float
+) -> None:
+    """A fast server: answers arrive all the time, so the kill often lands between an answer
+    and its commit. Paid-but-unrecorded inputs still stay within concurrency x batch size."""
+    n, batch, conc = 6000, 40, 4
+    texts = make_texts(n)
+    src = write_txt(tmp_path / "corpus.txt", texts)
+    out = tmp_path / "vectors.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    args += ("--batch-size", batch, "--concurrency", conc)
+    with open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen(embed_cmd(*args), stderr=err, env=subprocess_env())
+        try:
+            wait_for_inputs(server, proc, n // 3)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    committed, paid_first = job_rows(out), server.inputs()
+    assert 0 < committed < n
+    assert paid_first - committed <= conc * batch
+
+    second = run(*args)
+    assert second.returncode == 0, second.stderr
+    assert_rows(out, txt_ids(n), texts)
+    assert server.inputs() <= n + conc * batch
 
 
 async def test_rows_answered_during_a_commit_are_committed_without_waiting_for_more(
