@@ -205,3 +205,34 @@ async def test_paid_but_unrecorded_inputs_never_exceed_concurrency_x_batch(
     assert server.stats.inputs == len(texts)
     assert max(gaps) <= conc * batch
     assert max(gaps) > batch  # the bound was reached: the test can fail
+
+
+async def test_a_failed_commit_stops_the_job_instead_of_stalling_it(
+    tmp_path: Path, make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job waits for commits before it sends more: a commit that fails must end the job
+    with its error, not leave it waiting for room that never comes."""
+    calls = 0
+    record_batch = JobStore.record_batch
+
+    def failing(self: JobStore, *args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(28, "No space left on device")
+        record_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "record_batch", failing)
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"text {k}\n" for k in range(500)), encoding="utf-8")
+    out = tmp_path / "o.parquet"
+    server = await make_server(latency=0.005)
+    started = time.monotonic()
+    async with AsyncClient(base_url=server.base_url, batch_size=10, concurrency=2) as client:
+        with pytest.raises(OSError, match="No space left"):
+            await asyncio.wait_for(
+                run_job(client, JobOptions(input=src, output=out, model="m")), timeout=20
+            )
+    assert time.monotonic() - started < 10  # ended by the error, not by the timeout
+    assert not job_tasks() and not job_threads()
+    assert not out.exists() and not (tmp_path / ".o.parquet.togembed-tmp").exists()

@@ -133,8 +133,9 @@ class _Writer:
         self._queued_rows = 0
         self._queued_answers = 0
         self._flush: asyncio.Future[None] | None = None
-        # Told how many of the rows a commit made durable were answers from the API.
-        self.on_committed: Callable[[int], None] = lambda answers: None
+        # Told how many of the rows a commit made durable were answers from the API, or (the
+        # answers' count then is None) that a commit failed.
+        self.on_committed: Callable[[int | None], None] = lambda answers: None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self.submit(fn, *args, **kwargs)
@@ -172,6 +173,7 @@ class _Writer:
 
         def committed(f: asyncio.Future[None]) -> None:
             if f.cancelled() or f.exception() is not None:
+                self.on_committed(None)
                 return
             self.on_committed(answers)
             # What queued up meanwhile is committed now, not when the next batch arrives.
@@ -313,16 +315,23 @@ class _Job:
         self.unconfirmed = 0
         self.max_unconfirmed = client.concurrency * client.batch_size
         self.confirmed = asyncio.Event()
+        self.commit_failed = False
         writer.on_committed = self._confirm
 
-    def _confirm(self, answers: int) -> None:
-        self.unconfirmed -= answers
+    def _confirm(self, answers: int | None) -> None:
+        """``answers`` sent texts are recorded for good; None: a commit failed."""
+        if answers is None:
+            self.commit_failed = True
+        else:
+            self.unconfirmed -= answers
         self.confirmed.set()
 
     async def _room_for(self, n: int) -> None:
         """Wait until ``n`` more texts may be sent (the stream asks before each batch), then
         count them as unconfirmed."""
         while self.unconfirmed and self.unconfirmed + n > self.max_unconfirmed:
+            if self.commit_failed:  # no room will come: the job stops with the commit's error
+                await self.w.drain()
             self.confirmed.clear()
             await self.confirmed.wait()
         self.unconfirmed += n
