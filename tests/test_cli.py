@@ -150,6 +150,23 @@ def wait_for_inputs(server: Server, proc: subprocess.Popen[Any], at_least: int) 
     return seen
 
 
+def kill_after_inputs(
+    args: Sequence[object], server: Server, at_least: int, *, delay: float, log: Path
+) -> None:
+    """Run ``togembed embed ARGS``, SIGKILL it ``delay`` s after the server has seen
+    ``at_least`` inputs, and check that the kill is what ended it."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(embed_cmd(*args), stderr=err, env=subprocess_env())
+        try:
+            wait_for_inputs(server, proc, at_least)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+
+
 # -- corpora ---------------------------------------------------------------------------------------
 
 
@@ -230,20 +247,11 @@ def test_sigkill_halfway_then_rerun_pays_only_for_what_was_in_flight(
     args += ("--batch-size", batch, "--concurrency", conc)
     wave_server.reset()
 
-    with open(tmp_path / "first.err", "w") as err:
-        proc = subprocess.Popen(embed_cmd(*args), stderr=err, env=subprocess_env())
-        try:
-            wait_for_inputs(wave_server, proc, n // 2)
-            # Requests go out in waves: those that cross the half are just sent. Kill halfway
-            # through their round trip, when the answers before them have had ample time to be
-            # committed and only they are in flight: the rerun then pays exactly for them.
-            # (Kills at other moments: the next test.)
-            time.sleep(WAVE_LATENCY / 2)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
+    # Requests go out in waves: those that cross the half are just sent. Kill halfway through
+    # their round trip, when the answers before them have had ample time to be committed and
+    # only they are in flight: the rerun then pays exactly for them. (Other moments: the next
+    # test.)
+    kill_after_inputs(args, wave_server, n // 2, delay=WAVE_LATENCY / 2, log=tmp_path / "1.err")
     assert not out.exists()  # the output appears only when the job is complete
     committed = job_rows(out)
     paid_first = wave_server.inputs()
@@ -272,16 +280,7 @@ def test_sigkill_at_any_moment_repays_at_most_concurrency_x_batch(
     out = tmp_path / "vectors.parquet"
     args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
     args += ("--batch-size", batch, "--concurrency", conc)
-    with open(tmp_path / "first.err", "w") as err:
-        proc = subprocess.Popen(embed_cmd(*args), stderr=err, env=subprocess_env())
-        try:
-            wait_for_inputs(server, proc, n // 3)
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_inputs(args, server, n // 3, delay=delay, log=tmp_path / "1.err")
     committed, paid_first = job_rows(out), server.inputs()
     assert 0 < committed < n
     assert paid_first - committed <= conc * batch
