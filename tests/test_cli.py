@@ -932,3 +932,15 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
     assert ids == [str(k) for k in range(1, 301)]
     np.testing.assert_array_equal(vectors, fake_embeddings(texts, DIM))
     assert server.stats()["inputs"] - paid < 300  # the first run's stored work was kept
+
+
+def test_an_empty_input_says_there_is_nothing_to_write(tmp_path: Path, server: Server) -> None:
+    src = tmp_path / "empty.txt"
+    src.write_bytes(b"")
+    out = tmp_path / "out.parquet"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    assert result.exit_code == 0
+    assert "0 of 0 inputs done" in result.stderr
+    assert f"{out} not written: the input has no records" in result.stderr
+    assert not out.exists()
+    assert server.inputs() == 0

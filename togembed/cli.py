@@ -314,6 +314,9 @@ def _summary(result: JobResult, display: _Display, opts: JobOptions) -> int:
         )
     if result.output is not None:
         lines.append(f"wrote {result.output}")
+    elif result.status in ("complete", "failures"):  # no vector at all: no file to write
+        why = "the input has no records" if p.total == 0 else "every input failed"
+        lines.append(f"{opts.output} not written: {why}")
     if result.failures is not None:
         lines.append(f"failed inputs and reasons: {result.failures} (retry: --retry-failed)")
     code = {
