@@ -47,7 +47,8 @@ opened in one thread (e.g. to report a ``JobMismatchError`` early) and then used
 dedicated writer thread; the connection is made with ``check_same_thread=False`` for that.
 
 Memory. ``done_bitmap`` is one byte per position; ``iter_rows`` reads the vectors file in
-chunks of 2 MB (``pread``, not a memory map: every mapped page read would count in RSS),
+chunks of 2 MB and ``rows_between`` the range asked for (``pread``, not a memory map: every
+mapped page read would count in RSS),
 ``iter_failures`` and ``register_ids`` stream through cursors in chunks; nothing holds all ids or
 vectors.
 
