@@ -165,15 +165,25 @@ def count_records(
     return lines
 
 
-def _count_lines(path: Path) -> int:
+def _count_lines(path: Path, *, check_utf8: bool = False) -> int:
     """Lines as ``_read_txt`` sees them: every b"\\n" ends one, and a last unterminated line
-    counts too."""
-    lines = 0
-    last = b"\n"
-    with open(path, "rb") as f:
-        while chunk := f.read(_COUNT_CHUNK):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
+    counts too. ``check_utf8``: also decode the file, a MB at a time, and raise the first bad
+    line's ``CorpusError``."""
+    decode = codecs.getincrementaldecoder("utf-8")().decode if check_utf8 else None
+    lines, last = 0, b"\n"
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_COUNT_CHUNK):
+                if decode is not None:
+                    decode(chunk)
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+            if decode is not None:
+                decode(b"", final=True)
+    except UnicodeDecodeError:
+        for _ in _txt_blocks(path, _BLOCK):  # raises the error with its line number
+            pass
+        raise
     return lines + (last != b"\n")
 
 
@@ -186,20 +196,7 @@ def scan_records(
     path = Path(path)
     if _suffix(path, INPUT_SUFFIXES, "input") != ".txt" or id_field is not None:
         return sum(1 for _ in read_records(path, id_field=id_field, text_field=text_field))
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    lines, last = 0, b"\n"
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_COUNT_CHUNK):
-                decoder.decode(chunk)
-                lines += chunk.count(b"\n")
-                last = chunk[-1:]
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        for _ in _txt_blocks(path, _BLOCK):  # raises the error with its line number
-            pass
-        raise
-    return lines + (last != b"\n")  # as _count_lines
+    return _count_lines(path, check_utf8=True)
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
