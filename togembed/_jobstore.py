@@ -476,16 +476,14 @@ class JobStore:
 
     # -- ids pre-pass -----------------------------------------------------------------------
 
-    def register_ids(self, pairs: Iterable[tuple[int, str]], *, unique: bool = False) -> int:
+    def register_ids(self, pairs: Iterable[tuple[int, str]]) -> int:
         """Store every (pos, id) of the input, in position order from 0, and return the count.
 
         Raises ``DuplicateIdError`` at the first id seen at two positions. Run it over the
         whole input before embedding (it costs a read of the file and ~1 s per million ids):
         then a duplicate stops the job before anything is paid for. Resumable: positions
-        already registered are skipped.
-
-        ``unique=True`` says the ids cannot repeat (line or row numbers): they are only
-        counted, not stored, and ``counts().ids`` stays 0.
+        already registered are skipped. Ids that cannot repeat (line or row numbers) need no
+        pass: ``register_count``.
         """
         conn = self._conn
         row = conn.execute("SELECT max(pos) FROM ids").fetchone()
@@ -498,7 +496,7 @@ class JobStore:
                     f"register_ids wants positions 0, 1, 2, ...; got {pos} after {expected - 1}"
                 )
             expected += 1
-            if unique or pos < registered:
+            if pos < registered:
                 continue
             chunk.append((pos, rid))
             if len(chunk) == _REGISTER_CHUNK:
@@ -510,8 +508,8 @@ class JobStore:
         return expected
 
     def register_count(self, total: int) -> None:
-        """What ``register_ids(..., unique=True)`` stores, for a caller that counted the
-        records itself: how many there are."""
+        """How many records the input has, for ids that cannot repeat (line or row numbers):
+        nothing to store or check per id."""
         with _transaction(self._conn):
             self._conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('ids_total', ?)", (total,)
