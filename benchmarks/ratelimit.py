@@ -78,6 +78,37 @@ CASES: dict[str, dict[str, Any]] = {
         "target": None,
         "label": "togembed, nothing configured, +10% 429s without headers",
     },
+    "sporadic": {
+        "limit": "rpm",
+        "chars": 40,
+        "sporadic": ["--sporadic-429-rate", "0.1", "--sporadic-429-wait", "1"],
+        "target": None,
+        "label": "togembed, nothing configured, +10% 429s with Retry-After: 1 below the limit",
+    },
+    "sporadic_ms": {
+        "limit": "rpm",
+        "chars": 40,
+        "sporadic": [
+            *("--sporadic-429-rate", "0.1", "--sporadic-429-wait", "0.2", "--sporadic-429-ms")
+        ],
+        "target": None,
+        "label": "togembed, nothing configured, +10% 429s with retry-after-ms: 200 below limit",
+    },
+    "sporadic_rpm": {
+        "limit": "rpm",
+        "chars": 40,
+        "sporadic": ["--sporadic-429-rate", "0.1", "--sporadic-429-wait", "1"],
+        "target": None,
+        "label": "togembed, rpm= configured, +10% 429s with Retry-After: 1 below the limit",
+    },
+    "storm": {
+        "limit": "rpm",
+        "chars": 40,
+        "n": 10000,
+        "storm": (3.0, 3.0),
+        "target": None,
+        "label": "togembed, nothing configured, every request refused for 3 s (a storm)",
+    },
     "openai": {
         "limit": "rpm",
         "chars": 40,
@@ -108,7 +139,7 @@ async def run_togembed(case: str, base_url: str, texts: list[str], rpm: float) -
         ):
             await asyncio.gather(a.embed(texts[:half]), b.embed(texts[half:]))
         return {"client_requests": a.stats.requests + b.stats.requests}
-    kwargs = {"rpm": rpm} if case == "rpm" else {}
+    kwargs = {"rpm": rpm} if case in ("rpm", "sporadic_rpm") else {}
     async with togembed.AsyncClient(base_url=base_url, model=MODEL, **kwargs) as client:
         vectors = await client.embed(texts)
     assert vectors.shape == (len(texts), DIM)
@@ -185,10 +216,22 @@ def start_server(flags: list[str]) -> tuple[subprocess.Popen[str], str]:
     return proc, line.split()[1]
 
 
-def server_stats(base_url: str) -> dict[str, Any]:
+def server_stats(base_url: str, *, log: bool = False) -> dict[str, Any]:
     root = base_url.rsplit("/v1", 1)[0]
-    with urllib.request.urlopen(f"{root}/stats") as resp:
+    with urllib.request.urlopen(f"{root}/stats{'?log=1' if log else ''}") as resp:
         return json.loads(resp.read())
+
+
+def recovery_time(log: list[dict[str, Any]], storm_end: float, rate: float) -> float | None:
+    """Seconds after the storm until a 1 s window of successful requests reaches 90% of the
+    server's rate (None: never, before the job ended)."""
+    ok = sorted(r["at"] for r in log if r["status"] == 200 and r["at"] >= storm_end)
+    t = storm_end
+    while ok and t + 1.0 <= ok[-1] + 1e-9:
+        if sum(1 for a in ok if t <= a < t + 1.0) >= 0.9 * rate:
+            return t - storm_end
+        t += 0.1
+    return None
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -209,7 +252,13 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         ideal = max(0.0, total - rate * 1.0) / rate
     if spec.get("bare"):
         flags += ["--bare-429-rate", str(spec["bare"])]
-    flags += ["--latency", str(args.latency)]
+    flags += spec.get("sporadic", [])
+    if spec.get("storm"):
+        start, duration = spec["storm"]
+        flags += ["--storm", f"{start}:{duration}", "--sporadic-429-wait", "1"]
+        # the storm's requests are extra: the ideal is the fault-free time plus the storm
+        ideal += duration
+    flags += ["--latency", str(args.latency), "--seed", str(args.seed)]
     proc, base_url = start_server(flags)
     try:
         cmd = [sys.executable, __file__, "--client", "--case", case, "--base-url", base_url]
@@ -218,14 +267,19 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         if out.returncode != 0:
             return {"case": case, "error": out.stderr.strip().splitlines()[-1:]}
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        stats = server_stats(base_url)
+        stats = server_stats(base_url, log=bool(spec.get("storm")))
     finally:
         proc.terminate()
         proc.wait()
     counts = {int(k): v for k, v in stats["status_counts"].items()}
     requests = stats["requests"]
     limited = counts.get(429, 0)
+    extra = {}
+    if spec.get("storm"):
+        start, duration = spec["storm"]
+        extra["recovery_s"] = recovery_time(stats["log"], start + duration, rate)
     return {
+        **extra,
         "case": case,
         "label": spec["label"],
         "requests": requests,
@@ -263,6 +317,21 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ratio = by_case["bare429"]["wall"] / by_case["learned"]["wall"]
         mark = "PASS" if ratio <= 1.5 else "FAIL"
         print(f"\n10% 429s without headers: wall {ratio:.2f}x the fault-free run ({mark}, <= 1.5x)")
+    for case in ("sporadic", "sporadic_ms", "sporadic_rpm"):
+        clean = "rpm" if case == "sporadic_rpm" else "learned"
+        if case in by_case and clean in by_case:
+            row = by_case[case]
+            ratio = row["wall"] / by_case[clean]["wall"]
+            ok = ratio <= 1.5 and row["share_429"] <= 0.15
+            print(
+                f"{case}: wall {ratio:.2f}x the clean run, {row['share_429']:.0%} 429s "
+                f"({'PASS' if ok else 'FAIL'}, <= 1.5x and <= 15%)"
+            )
+    if "storm" in by_case:
+        rec = by_case["storm"].get("recovery_s")
+        shown = "never" if rec is None else f"{rec:.1f} s"
+        mark = "PASS" if rec is not None and rec <= 3.0 else "FAIL"
+        print(f"storm: pace back at 90% of the limit {shown} after it ended ({mark}, <= 3 s)")
 
 
 def main() -> None:
@@ -272,6 +341,7 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.02)
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--seed", type=int, default=0, help="the fake server's random faults")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)

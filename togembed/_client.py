@@ -110,7 +110,11 @@ class AsyncClient:
         if limiter is not None and (rpm is not None or tpm is not None):
             raise ValueError("pass rpm/tpm or limiter=, not both (set them on the limiter)")
         # Each client paces itself unless given a limiter to share with other clients.
-        self.limiter: Limiter = limiter if limiter is not None else RateLimiter(rpm=rpm, tpm=tpm)
+        self.limiter: Limiter = (
+            limiter
+            if limiter is not None
+            else RateLimiter(rpm=rpm, tpm=tpm, max_pause=retry.max_retry_after)
+        )
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_base_url(base_url)
         self.model = model

@@ -301,6 +301,7 @@ class RequestRecord:
     encoding_format: str | None = None
     request_id: str = ""
     disconnected: bool = False
+    at: float = 0.0  # seconds since the server's first embeddings request
 
 
 @attrs.define
@@ -459,6 +460,10 @@ class FakeTogetherServer:
         fault_rate_429: float = 0.0,
         fault_rate_5xx: float = 0.0,
         bare_429_rate: float = 0.0,
+        sporadic_429_rate: float = 0.0,
+        sporadic_429_wait: float = 1.0,
+        sporadic_429_ms: bool = False,
+        storm: tuple[float, float] | None = None,
         rpm: float | None = None,
         tpm: float | None = None,
         burst: float = 1.0,
@@ -483,6 +488,14 @@ class FakeTogetherServer:
         self.fault_rate_429 = fault_rate_429
         self.fault_rate_5xx = fault_rate_5xx
         self.bare_429_rate = bare_429_rate
+        # Together's dynamic limits: 429s with a wait while the headers still show capacity.
+        self.sporadic_429_rate = sporadic_429_rate
+        self.sporadic_429_wait = sporadic_429_wait
+        self.sporadic_429_ms = sporadic_429_ms
+        # (start, duration) in seconds after the first request: every request is refused with
+        # a 429 whose headers show an empty bucket (the limit fell, then comes back).
+        self.storm = storm
+        self._first_request: float | None = None
         self.limits = _Limits(rpm=rpm, tpm=tpm, burst=burst) if rpm or tpm else None
         self.limit_headers = limit_headers
         self.request_id_prefix = request_id_prefix
@@ -639,7 +652,10 @@ class FakeTogetherServer:
         return _json_response(200, orjson.dumps({"faults_pending": len(self.faults)}))
 
     async def _handle_embeddings(self, request: web.Request) -> web.StreamResponse:
-        record = RequestRecord(request_id=self._new_request_id())
+        now = time.monotonic()
+        if self._first_request is None:
+            self._first_request = now
+        record = RequestRecord(request_id=self._new_request_id(), at=now - self._first_request)
         self.stats.requests += 1
         self.stats.log.append(record)
         self.in_flight += 1
@@ -702,6 +718,16 @@ class FakeTogetherServer:
         limited = self.check_rate_limit(request, parsed)
         if limited is not None:
             return limited
+        if fault is None and self._in_storm(record):
+            record.fault = "storm"
+            return self._dynamic_429(request, empty=True)
+        if (
+            fault is None
+            and self.sporadic_429_rate > 0
+            and self._rng.random() < self.sporadic_429_rate
+        ):
+            record.fault = "sporadic_429"
+            return self._dynamic_429(request, empty=False)
         if fault is None:
             random_fault = self._random_fault()
             if random_fault is not None:
@@ -776,6 +802,36 @@ class FakeTogetherServer:
             else "You have exceeded the rate limit for this model, please slow down"
         )
         return _error(429, message, type_, headers=headers)
+
+    def _in_storm(self, record: RequestRecord) -> bool:
+        if self.storm is None:
+            return False
+        start, duration = self.storm
+        return start <= record.at < start + duration
+
+    def _dynamic_429(self, request: web.Request, *, empty: bool) -> web.Response:
+        """A 429 as Together's dynamic limits send it: a wait, and the rate-limit headers (the
+        bucket's, which may still show capacity; ``empty``: remaining 0)."""
+        headers = {
+            name: value
+            for name, value in (request.get(_LIMIT_HEADERS) or {}).items()
+            if not name.startswith("_")
+        }
+        if empty:
+            for name in list(headers):
+                if name.endswith("-remaining"):
+                    headers[name] = "0"
+        wait = self.sporadic_429_wait
+        if self.sporadic_429_ms:
+            headers["retry-after-ms"] = _fmt_num(round(wait * 1000))
+        else:
+            headers["Retry-After"] = _fmt_num(wait)
+        return _error(
+            429,
+            "You have exceeded the rate limit for this model, please slow down",
+            "dynamic_request_limited",
+            headers=headers,
+        )
 
     def _random_fault(self) -> web.Response | None:
         if self.fault_rate_429 <= 0 and self.fault_rate_5xx <= 0 and self.bare_429_rate <= 0:
@@ -979,6 +1035,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-rate-429", type=float, default=0.0)
     p.add_argument("--fault-rate-5xx", type=float, default=0.0)
     p.add_argument("--bare-429-rate", type=float, default=0.0, help="429s without any header")
+    p.add_argument(
+        "--sporadic-429-rate",
+        type=float,
+        default=0.0,
+        help="429s with a wait while the rate-limit headers still show capacity",
+    )
+    p.add_argument("--sporadic-429-wait", type=float, default=1.0, help="their wait, seconds")
+    p.add_argument("--sporadic-429-ms", action="store_true", help="send it as retry-after-ms")
+    p.add_argument(
+        "--storm",
+        default=None,
+        metavar="START:SECONDS",
+        help="refuse every request with a 429 (empty bucket) from START s after the first "
+        "request, for SECONDS",
+    )
     p.add_argument("--rpm", type=float, default=None, help="token-bucket limit, requests/min")
     p.add_argument("--tpm", type=float, default=None, help="token-bucket limit, tokens/min")
     p.add_argument("--burst", type=float, default=1.0, help="seconds of burst in the buckets")
@@ -1009,6 +1080,10 @@ async def _serve(args: argparse.Namespace) -> None:
         fault_rate_429=args.fault_rate_429,
         fault_rate_5xx=args.fault_rate_5xx,
         bare_429_rate=args.bare_429_rate,
+        sporadic_429_rate=args.sporadic_429_rate,
+        sporadic_429_wait=args.sporadic_429_wait,
+        sporadic_429_ms=args.sporadic_429_ms,
+        storm=tuple(float(x) for x in args.storm.split(":")) if args.storm else None,
         rpm=args.rpm,
         tpm=args.tpm,
         burst=args.burst,

@@ -46,13 +46,17 @@ _CONFIGURED_HEADROOM = 0.99
 _LEARNED_HEADROOM = 0.95
 # After a 429: rate and in-flight cap are cut by this factor, at most once per round trip.
 _DECREASE = 0.7
-# Recovery: each success adds this share of the ceiling back (~35 successes to recover fully).
+# Recovery: each success adds this share of the ceiling back (~35 successes to recover fully)...
 _INCREASE = 0.02
+# ... and, when the ceiling is known (configured, or from the headers), the gap to it halves
+# every this many seconds of successes: the pace is back within a few seconds after a storm.
+_RECOVERY_HALF_LIFE = 1.0
 # A 429 without any rate-limit header is treated as a transient error unless this many of the
 # last _WINDOW answers were 429s too (then the server is limiting us without saying so).
 _BARE_429_WINDOW = 10
 _BARE_429_THRESHOLD = 5
-_MAX_PAUSE = 120.0
+# Longest pause a 429's wait may impose on every request (RetryPolicy.max_retry_after's default).
+DEFAULT_MAX_PAUSE = 120.0
 
 
 @attrs.frozen
@@ -104,18 +108,26 @@ def per_second(limit: float | None, remaining: float | None, per_minute: bool) -
     return limit / 60.0 if per_minute else limit
 
 
+def _live(headers: Mapping[str, str], name: str) -> float | None:
+    """Together's ``-dynamic`` variant of a header (the allowance enforced right now) when
+    present, else the plain one."""
+    value = _number(headers, f"{name}-dynamic")
+    return value if value is not None else _number(headers, name)
+
+
 def parse_limit_headers(headers: Mapping[str, str]) -> LimitHeaders:
-    """Read Together's (``x-ratelimit-*``, ``x-tokenlimit-*``) and OpenAI-style
-    (``x-ratelimit-*-requests``, ``x-ratelimit-*-tokens``) rate-limit headers."""
-    req_limit = _number(headers, "x-ratelimit-limit")
-    req_left = _number(headers, "x-ratelimit-remaining")
+    """Read Together's (``x-ratelimit-*``, ``x-tokenlimit-*``, and their ``-dynamic`` variants,
+    which win) and OpenAI-style (``x-ratelimit-*-requests``, ``x-ratelimit-*-tokens``)
+    rate-limit headers."""
+    req_limit = _live(headers, "x-ratelimit-limit")
+    req_left = _live(headers, "x-ratelimit-remaining")
     req_minute = False
     if req_limit is None:
         req_limit = _number(headers, "x-ratelimit-limit-requests")
         req_left = _number(headers, "x-ratelimit-remaining-requests")
         req_minute = True
-    tok_limit = _number(headers, "x-tokenlimit-limit")
-    tok_left = _number(headers, "x-tokenlimit-remaining")
+    tok_limit = _live(headers, "x-tokenlimit-limit")
+    tok_left = _live(headers, "x-tokenlimit-remaining")
     tok_minute = False
     if tok_limit is None:
         tok_limit = _number(headers, "x-ratelimit-limit-tokens")
@@ -218,8 +230,11 @@ class Pacer:
         tpm: float | None = None,
         burst: float = DEFAULT_BURST_SECONDS,
         adaptive: bool = True,
+        max_pause: float = DEFAULT_MAX_PAUSE,
         now: float = 0.0,
     ) -> None:
+        if not max_pause >= 0:
+            raise ValueError(f"max_pause must be >= 0 seconds, got {max_pause!r}")
         if rpm is not None and not rpm > 0:
             raise ValueError(f"rpm must be > 0, got {rpm!r}")
         if tpm is not None and not tpm > 0:
@@ -228,12 +243,16 @@ class Pacer:
             raise ValueError(f"burst must be > 0 seconds, got {burst!r}")
         self.burst = burst
         self.adaptive = adaptive
+        self.max_pause = max_pause
         self.configured = rpm is not None or tpm is not None
         self.learned = False
         # Ceilings (per second) and the share of them we currently allow ourselves.
         self.req_ceiling = rpm / 60.0 if rpm else None
         self.tok_ceiling = tpm / 60.0 if tpm else None
         self.factor = 1.0
+        self.recovered_at = now  # when the factor was last cut or recovered
+        # The ceiling is the pace we were going at when a 429 came (not a known limit).
+        self.guessed = False
         self.requests = self._bucket(self.req_ceiling, now, slack=1.0) if rpm else None
         self.tokens = self._bucket(self.tok_ceiling, now, slack=0.0) if tpm else None
         # Until the first answer, an unconfigured limiter sends one request at a time: a job
@@ -310,10 +329,10 @@ class Pacer:
         self.recent_429.append(is_429)
         if is_429:
             self.rate_limited += 1
-            if self._is_rate_signal(fb):
+            if self._over_the_limit(fb, ticket):
                 message = self._slow_down(now, ticket, fb) or message
         elif fb.status < 300:
-            self._speed_up()
+            self._speed_up(now)
         return message
 
     def _refund(self, ticket: Ticket) -> None:
@@ -349,6 +368,7 @@ class Pacer:
                 self.tok_ceiling = tok_rate
             if not self.learned or changed:
                 self.learned = True
+                self.guessed = False
                 self._rebuild(now)
                 message = f"server limit: {self._describe()}"
         # The server's "remaining" is the truth about the bucket (other processes share it),
@@ -379,15 +399,29 @@ class Pacer:
                 old.refill(now)
                 new.level = min(new.capacity, old.level)
 
-    def _is_rate_signal(self, fb: Feedback) -> bool:
-        if has_rate_signal(fb.headers) or (fb.retry_after or 0) > 0:
+    def _over_the_limit(self, fb: Feedback, ticket: Ticket) -> bool:
+        """Whether a 429 says we are going too fast. Not when it carries no rate signal (a
+        transient refusal), nor when its headers still show room in the bucket (Together's
+        dynamic limits refuse sporadically below the limit: the batch retries after its wait,
+        the pace stays) — unless such 429s dominate the recent answers."""
+        if sum(self.recent_429) >= _BARE_429_THRESHOLD:
             return True
-        return sum(self.recent_429) >= _BARE_429_THRESHOLD
+        if not (has_rate_signal(fb.headers) or (fb.retry_after or 0) > 0):
+            return False
+        return not self._headers_show_room(fb, ticket)
+
+    def _headers_show_room(self, fb: Feedback, ticket: Ticket) -> bool:
+        info = parse_limit_headers(fb.headers)
+        req, tok = info.requests_remaining, info.tokens_remaining
+        if req is None and tok is None:
+            return False
+        cap = self.tokens.capacity if self.tokens is not None else float(ticket.tokens)
+        return (req is None or req >= 1) and (tok is None or tok >= min(ticket.tokens, cap))
 
     def _slow_down(self, now: float, ticket: Ticket, fb: Feedback) -> str | None:
         retry_after = fb.retry_after
         if retry_after is not None and retry_after > 0:
-            self.paused_until = max(self.paused_until, now + min(retry_after, _MAX_PAUSE))
+            self.paused_until = max(self.paused_until, now + min(retry_after, self.max_pause))
         for bucket in (self.requests, self.tokens):
             if bucket is not None:
                 bucket.refill(now)
@@ -400,8 +434,9 @@ class Pacer:
             # No limit known: take the pace we were going at when the server objected, if we
             # have seen enough of it; otherwise the pause and the in-flight cap must do.
             self.req_ceiling = self._recent_rate(now)
-            self.learned = self.req_ceiling is not None
+            self.learned = self.guessed = self.req_ceiling is not None
         self.factor = max(0.05, self.factor * _DECREASE)
+        self.recovered_at = now
         self.cap = max(1.0, (self.cap or float(self.in_flight + 1)) * _DECREASE)
         self._rebuild(now)
         for bucket in (self.requests, self.tokens):
@@ -409,13 +444,22 @@ class Pacer:
                 bucket.level = min(bucket.level, 0.0)
         return f"429: slowing down to {self._describe()}, at most {int(self.cap)} in flight"
 
-    def _speed_up(self) -> None:
+    def _speed_up(self, now: float) -> None:
+        known = not self.guessed and (self.req_ceiling is not None or self.tok_ceiling is not None)
         if self.cap is not None:
-            self.cap += 1.0 / self.cap  # one more in flight per round of successes
-            if self.cap >= 256:
+            # one more in flight per success toward a known limit, per round of them otherwise
+            self.cap += 1.0 if known else 1.0 / self.cap
+            if self.cap >= 256 or (known and self.factor >= 1.0):
                 self.cap = None
         if self.factor < 1.0:
-            self.factor = min(1.0, self.factor + _INCREASE)
+            factor = self.factor + _INCREASE
+            if known:  # the gap to a known limit halves every half-life of successes
+                gap = (1.0 - self.factor) * 0.5 ** ((now - self.recovered_at) / _RECOVERY_HALF_LIFE)
+                factor = max(factor, 1.0 - gap)
+            self.factor = min(1.0, factor)
+            self.recovered_at = now
+            if self.factor > 0.999:
+                self.factor = 1.0
             headroom = self._headroom() * self.factor
             if self.requests is not None and self.req_ceiling is not None:
                 self.requests.rate = self.req_ceiling * headroom
@@ -475,6 +519,9 @@ class RateLimiter:
 
     ``burst``: seconds of traffic that may go at once (default 1 s, less one request of slack).
     ``adaptive=False``: never learn or slow down; pace exactly as configured.
+    ``max_pause``: the longest a 429's wait may hold every request back (a longer wait fails
+    the calls that cannot wait instead; a client's own limiter takes its
+    ``RetryPolicy.max_retry_after``).
     """
 
     def __init__(
@@ -484,10 +531,13 @@ class RateLimiter:
         *,
         burst: float = DEFAULT_BURST_SECONDS,
         adaptive: bool = True,
+        max_pause: float = DEFAULT_MAX_PAUSE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
-        self._pacer = Pacer(rpm=rpm, tpm=tpm, burst=burst, adaptive=adaptive, now=clock())
+        self._pacer = Pacer(
+            rpm=rpm, tpm=tpm, burst=burst, adaptive=adaptive, max_pause=max_pause, now=clock()
+        )
         self._lock = asyncio.Lock()
         self._wakeup: asyncio.Future[None] | None = None
 
