@@ -544,11 +544,12 @@ async def test_batch_too_large_is_split_learned_and_succeeds(
         refused = server.stats.status_counts[too_large_status]
         assert refused >= 1
         assert client.stats.batches_split >= 1
-        # halving lands on 32 per request (under the server's 50): about 1000 / 32 good requests
+        # the refusal says "the maximum is 50": batches are cut to 50 at once (no halving to
+        # 32), each planned 128 becoming 50 + 50 + 28
         assert server.stats.status_counts[200] <= 1000 // 25 + 4
-        # each of the 4 senders is refused at most twice (at 128, then at 64) before all have
-        # learned a size the server takes
-        assert refused <= 2 * 4
+        assert client.stats.server_max_inputs == 50
+        # each of the 4 senders is refused once (at 128), then all use the size the server said
+        assert refused <= 4
         assert all(r.n_inputs <= 50 for r in server.stats.log if r.status == 200)
 
         # the client remembers: the next call is not refused at all

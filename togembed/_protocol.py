@@ -178,6 +178,23 @@ def _text_message(body: bytes) -> str:
     return text[:300]
 
 
+def _detail_message(detail: object) -> str | None:
+    """The message of a FastAPI error body (Infinity and other Python servers answer 422
+    ``{"detail": [{"loc": [...], "msg": ...}, ...]}``, or ``{"detail": "..."}``), where the
+    limit a validation error names is ("List should have at most 2048 items ...")."""
+    if isinstance(detail, str):
+        return detail
+    if not isinstance(detail, list):
+        return None
+    parts = []
+    for item in detail[:5]:
+        if isinstance(item, dict) and isinstance(item.get("msg"), str):
+            loc = item.get("loc")
+            where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+            parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(parts) or None
+
+
 def error_from_response(
     status: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None
 ) -> APIStatusError:
@@ -197,6 +214,8 @@ def error_from_response(
             code = err.get("code")
         elif isinstance(err, str):
             message = err
+        if not isinstance(message, str) or not message:
+            message = _detail_message(parsed.get("detail"))
     if not isinstance(message, str) or not message:
         message = _text_message(body) if body and parsed is None else ""
     cls = status_error_class(status)

@@ -18,6 +18,15 @@ import numpy as np
 from ._batching import Batch, plan_batches, split_batch
 from ._config import EncodingFormat, RetryPolicy
 from ._exceptions import APIStatusError
+from ._limits_from_errors import (
+    MAX_INPUT_CHARS,
+    MAX_INPUT_TOKENS,
+    MAX_INPUTS,
+    MAX_REQUEST_TOKENS,
+    StatedLimit,
+    limit_from_message,
+    request_token_budget,
+)
 from ._protocol import (
     DecodedBatch,
     decode_embeddings,
@@ -34,7 +43,6 @@ __all__ = ["ArraySink", "CallSettings", "ClientStats", "ListSink", "run_call"]
 
 logger = logging.getLogger("togembed")
 
-_NO_TOKEN_LIMIT = 1 << 62
 _REQUEST_LEVEL = re.compile(
     r"model|unrecognized request argument|encoding_format|api key|authoriz", re.I
 )
@@ -60,12 +68,19 @@ class ClientStats:
     tokens: int = 0  # as counted by the server (``usage``), where it says
     batches_split: int = 0
     in_flight: int = 0
+    # Limits a server stated in a refusal ("maximum allowed batch size 32", "max 300000 tokens
+    # per request", "must have less than 512 tokens"); None until one did. docs/backends.md
+    server_max_inputs: int | None = None
+    server_max_request_tokens: int | None = None
+    server_max_input_tokens: int | None = None
+    server_max_input_chars: int | None = None
 
 
 @attrs.define
 class CallSettings:
-    """What a call needs from its client. ``max_items`` and ``encoding_format`` are learned:
-    they shrink/fall back when a server refuses, and the whole client remembers."""
+    """What a call needs from its client. ``max_items``, ``max_tokens`` and
+    ``encoding_format`` are learned: they shrink/fall back when a server refuses, and the whole
+    client remembers."""
 
     transport: Transport
     url: str
@@ -175,8 +190,21 @@ def _is_request_level(exc: APIStatusError) -> bool:
     return exc.param in ("model", "encoding_format") or bool(_REQUEST_LEVEL.search(exc.message))
 
 
+_SIZE_STATUSES = (400, 403, 413, 422)
+
+
+def _stated_limit(exc: APIStatusError) -> StatedLimit | None:
+    """The size limit a refusal states (docs/backends.md), if it is one that could."""
+    return limit_from_message(exc.message) if exc.status_code in _SIZE_STATUSES else None
+
+
 def _rejects_input(exc: APIStatusError) -> bool:
-    """A rejection that may be caused by one input (so bisecting can find it)."""
+    """A rejection that may be caused by one input or by the batch's size (so splitting or
+    bisecting can fix or find it)."""
+    if _stated_limit(exc) is not None:
+        # A stated size limit is about the inputs, even where the message also says "model"
+        # (vLLM and OpenAI: "This model's maximum context length is 512 tokens").
+        return True
     if exc.status_code in (400, 413, 422):
         return not _is_request_level(exc)
     if exc.status_code == 403:  # Together answers 403 for inputs over the context length
@@ -185,6 +213,11 @@ def _rejects_input(exc: APIStatusError) -> bool:
 
 
 def _too_many_inputs(exc: APIStatusError) -> bool:
+    """The batch has more inputs than the server takes. A 413 means so unless its message
+    states another limit: TEI before 1.9 sent 413 for an input over the model's length too."""
+    stated = _stated_limit(exc)
+    if stated is not None:
+        return stated.kind == MAX_INPUTS
     return exc.status_code == 413 or bool(_TOO_MANY.search(exc.message))
 
 
@@ -272,8 +305,13 @@ class _Call:
         than the batch: cut it to fit rather than wait for a bucket it can never fit in."""
         if batch.size > self.s.max_items:
             return True
+        return batch.size > 1 and batch.tokens > self._token_budget()
+
+    def _token_budget(self) -> int:
+        """Estimated tokens one request may carry: the client's budget (lowered when a server
+        states a per-request limit) or the limiter's, whichever is smaller."""
         cap = self.s.limiter.max_batch_tokens()
-        return cap is not None and batch.size > 1 and batch.tokens > cap
+        return self.s.max_tokens if cap is None else min(cap, self.s.max_tokens)
 
     async def process(self, batch: Batch) -> None:
         s = self.s
@@ -281,7 +319,7 @@ class _Call:
             for part in plan_batches(
                 self.texts,
                 max_items=s.max_items,
-                max_tokens=s.limiter.max_batch_tokens() or _NO_TOKEN_LIMIT,
+                max_tokens=self._token_budget(),
                 start=batch.start,
                 stop=batch.stop,
             ):
@@ -321,7 +359,14 @@ class _Call:
             await self.process(batch)
             return
         if batch.size > 1 and _rejects_input(exc):
-            if _too_many_inputs(exc) and batch.size <= s.max_items:
+            stated = _stated_limit(exc)
+            if stated is not None and self._learn(batch, stated):
+                # The server said how big a request may be: re-plan at that size at once
+                # (``process`` cuts what no longer fits), no halving.
+                s.stats.batches_split += 1
+                await self.process(batch)
+                return
+            if _too_many_inputs(exc) and batch.size <= s.max_items:  # no usable number: halve
                 s.max_items = max(1, batch.size // 2)
                 logger.warning(
                     "server refused %d inputs per request; using %d", batch.size, s.max_items
@@ -332,10 +377,61 @@ class _Call:
             return
         if batch.size == 1 and _rejects_input(exc):
             exc.input_index = batch.start
+            stated = _stated_limit(exc)
+            if stated is not None and stated.kind != MAX_INPUTS:
+                self._record(stated)
+                exc.message = (
+                    f"too long for this server (limit {stated.describe()}); "
+                    f"the server said: {exc.message}"
+                )
             if self.on_input_error is not None:
                 self.on_input_error(batch.start, exc)
                 return
         raise exc
+
+    def _learn(self, batch: Batch, stated: StatedLimit) -> bool:
+        """Take in a limit the server stated on refusing ``batch``. True when the batch no
+        longer fits what was learned, so re-planning it fixes the refusal. A per-input limit is
+        only recorded: one input is at fault, and bisecting finds it."""
+        s = self.s
+        self._record(stated)
+        if stated.kind == MAX_INPUTS:
+            if stated.value >= batch.size:  # the number does not explain this refusal
+                return False
+            if stated.value < s.max_items:
+                logger.warning(
+                    "server takes at most %d inputs per request (it said so); using %d",
+                    stated.value,
+                    stated.value,
+                )
+                s.max_items = stated.value
+            return True
+        if stated.kind == MAX_REQUEST_TOKENS:
+            budget = request_token_budget(stated, batch.tokens)
+            if budget >= batch.tokens:  # our estimate cannot explain the refusal: halve it
+                budget = max(1, batch.tokens // 2)
+            if budget < s.max_tokens:
+                logger.warning(
+                    "server takes at most %d tokens per request (it said so); sending at most "
+                    "%d estimated tokens per request",
+                    stated.value,
+                    budget,
+                )
+                s.max_tokens = budget
+            return batch.tokens > self._token_budget()
+        return False
+
+    def _record(self, stated: StatedLimit) -> None:
+        """Keep the limit in ClientStats, where a user looking at a slow or failed job sees it."""
+        stats = self.s.stats
+        if stated.kind == MAX_INPUTS:
+            stats.server_max_inputs = stated.value
+        elif stated.kind == MAX_REQUEST_TOKENS:
+            stats.server_max_request_tokens = stated.value
+        elif stated.kind == MAX_INPUT_TOKENS:
+            stats.server_max_input_tokens = stated.value
+        elif stated.kind == MAX_INPUT_CHARS:
+            stats.server_max_input_chars = stated.value
 
 
 async def _run_pool(
