@@ -226,12 +226,36 @@ async def test_bad_requests_get_400(make_serve, http, body, fragment, param) -> 
     assert model.calls == []
 
 
-async def test_unknown_model_is_404_with_togethers_message(make_serve, http) -> None:
-    server = await make_serve()
-    status, doc, _ = await post(http, server, {"model": "no/such-model", "input": "a"})
+async def test_unknown_model_404_names_the_served_model_and_the_alias_flag(
+    make_serve, http
+) -> None:
+    model = StandInModel()
+    server = await make_serve(model)
+    status, doc, resp = await post(http, server, {"model": "BAAI/bge-base-en-v1.5", "input": "a"})
     assert status == 404
-    assert_error(doc, "Unable to access model no/such-model")
-    assert doc["error"]["code"] == "model_not_available"
+    assert resp.headers["x-request-id"]
+    assert_error(doc, "Unable to access model BAAI/bge-base-en-v1.5")  # Together's opening
+    message = doc["error"]["message"]
+    assert f"serves {MODEL} only" in message
+    assert "togembed serve --alias BAAI/bge-base-en-v1.5" in message
+    assert "--alias '*'" in message
+    assert "api.together.ai" not in message  # not Together's catalogue: this server's models
+    assert doc["error"]["code"] == "model_not_found"
+    assert doc["error"]["type"] == "invalid_request_error"
+    assert model.calls == []
+
+    async with http.get(f"{server.base_url}/models/BAAI/bge-base-en-v1.5") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"] == doc["error"]
+
+
+async def test_unknown_model_404_lists_the_aliases_and_quotes_odd_names(make_serve, http) -> None:
+    server = await make_serve(aliases=["BAAI/bge-small-en-v1.5"])
+    status, doc, _ = await post(http, server, {"model": "my model", "input": "a"})
+    assert status == 404
+    message = doc["error"]["message"]
+    assert f"serves {MODEL} (also answering to BAAI/bge-small-en-v1.5) only" in message
+    assert "togembed serve --alias 'my model'" in message  # pastes into a shell as it is
 
 
 async def test_too_many_inputs_is_413(make_serve, http) -> None:
