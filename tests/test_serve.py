@@ -39,6 +39,7 @@ from togembed._serve import (
     local_server,
     ready_line,
     serve,
+    stopped_line,
 )
 
 MODEL = "test/stand-in-mini"
@@ -608,6 +609,31 @@ async def test_serve_prints_the_ready_line_and_stops_on_request() -> None:
     np.testing.assert_array_equal(vectors, StandInModel().expected(["a", "b"]))
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_serve_prints_a_stopped_line_once_closed() -> None:
+    out = io.StringIO()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(
+        serve("127.0.0.1", 0, model=StandInModel(), stop=stop, out=out, max_wait=0)
+    )
+    await wait_until(lambda: "listening" in out.getvalue())
+    base_url = out.getvalue().split(" on ")[1].split(" ")[0]
+    async with togembed.AsyncClient(base_url=base_url, model=MODEL) as client:
+        await client.embed(["a", "b", "c"])
+    assert "stopped" not in out.getvalue()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("togembed serve: listening on ")
+    assert lines[1] == "togembed serve: stopped (1 request, 3 inputs embedded)"
+
+
+def test_stopped_line_format() -> None:
+    server = EmbeddingServer(StandInModel())
+    assert stopped_line(server) == "togembed serve: stopped (0 requests, 0 inputs embedded)"
+    server.stats.requests, server.stats.inputs = 1234, 1
+    assert stopped_line(server) == "togembed serve: stopped (1,234 requests, 1 input embedded)"
 
 
 def _serve_in_subprocess() -> subprocess.Popen[str]:

@@ -27,7 +27,8 @@ class ListenError(OSError):
     privileges, the host is not an address of this machine or is unknown."""
 
     def __init__(self, host: str, port: int, exc: OSError) -> None:
-        if isinstance(exc, socket.gaierror):
+        self.unknown_host = isinstance(exc, socket.gaierror)  # its errno is not an errno.E*
+        if self.unknown_host:
             reason = f"unknown host ({exc.strerror or exc})"
         else:
             reason = _REASONS.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
