@@ -12,7 +12,9 @@ interface) behind a dynamic batcher:
 * every queued request gets an equal share of each model call (leftover room goes first come,
   first served), so a 2048-input request cannot starve a one-input one;
 * a request whose client went away drops the texts not yet sent to the model;
-* responses are rendered a slice at a time, so a big float answer never stalls the loop.
+* responses are rendered a slice at a time, so a big float answer never stalls the loop;
+* connections have the limits production servers have (``_listen.ConnectionGuard``): a
+  deadline for the request head and one for the body, an idle keep-alive timeout, a cap.
 
 See docs/serve.md.
 """
@@ -514,15 +516,15 @@ class EmbeddingServer:
             raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait!r}")
         if not shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
-        for name, value in (
-            ("header_timeout", header_timeout),
-            ("body_timeout", body_timeout),
-            ("keepalive_timeout", keepalive_timeout),
+        for name, value, optional in (
+            ("header_timeout", header_timeout, True),
+            ("body_timeout", body_timeout, True),
+            ("keepalive_timeout", keepalive_timeout, False),
         ):
-            if value is not None and not value > 0:
+            if value is None and optional:
+                continue  # no limit
+            if value is None or not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-        if keepalive_timeout is None:
-            raise ValueError("keepalive_timeout must be > 0 seconds, got None")
         if int(model.dim) < 1:
             raise ValueError(f"model.dim must be >= 1, got {model.dim!r}")
         self.model = model
