@@ -39,6 +39,7 @@ from togembed._serve import (
     local_server,
     ready_line,
     serve,
+    stopped_line,
 )
 
 MODEL = "test/stand-in-mini"
@@ -226,12 +227,36 @@ async def test_bad_requests_get_400(make_serve, http, body, fragment, param) -> 
     assert model.calls == []
 
 
-async def test_unknown_model_is_404_with_togethers_message(make_serve, http) -> None:
-    server = await make_serve()
-    status, doc, _ = await post(http, server, {"model": "no/such-model", "input": "a"})
+async def test_unknown_model_404_names_the_served_model_and_the_alias_flag(
+    make_serve, http
+) -> None:
+    model = StandInModel()
+    server = await make_serve(model)
+    status, doc, resp = await post(http, server, {"model": "BAAI/bge-base-en-v1.5", "input": "a"})
     assert status == 404
-    assert_error(doc, "Unable to access model no/such-model")
-    assert doc["error"]["code"] == "model_not_available"
+    assert resp.headers["x-request-id"]
+    assert_error(doc, "Unable to access model BAAI/bge-base-en-v1.5")  # Together's opening
+    message = doc["error"]["message"]
+    assert f"serves {MODEL} only" in message
+    assert "togembed serve --alias BAAI/bge-base-en-v1.5" in message
+    assert "--alias '*'" in message
+    assert "api.together.ai" not in message  # not Together's catalogue: this server's models
+    assert doc["error"]["code"] == "model_not_found"
+    assert doc["error"]["type"] == "invalid_request_error"
+    assert model.calls == []
+
+    async with http.get(f"{server.base_url}/models/BAAI/bge-base-en-v1.5") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"] == doc["error"]
+
+
+async def test_unknown_model_404_lists_the_aliases_and_quotes_odd_names(make_serve, http) -> None:
+    server = await make_serve(aliases=["BAAI/bge-small-en-v1.5"])
+    status, doc, _ = await post(http, server, {"model": "my model", "input": "a"})
+    assert status == 404
+    message = doc["error"]["message"]
+    assert f"serves {MODEL} (also answering to BAAI/bge-small-en-v1.5) only" in message
+    assert "togembed serve --alias 'my model'" in message  # pastes into a shell as it is
 
 
 async def test_too_many_inputs_is_413(make_serve, http) -> None:
@@ -584,6 +609,31 @@ async def test_serve_prints_the_ready_line_and_stops_on_request() -> None:
     np.testing.assert_array_equal(vectors, StandInModel().expected(["a", "b"]))
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_serve_prints_a_stopped_line_once_closed() -> None:
+    out = io.StringIO()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(
+        serve("127.0.0.1", 0, model=StandInModel(), stop=stop, out=out, max_wait=0)
+    )
+    await wait_until(lambda: "listening" in out.getvalue())
+    base_url = out.getvalue().split(" on ")[1].split(" ")[0]
+    async with togembed.AsyncClient(base_url=base_url, model=MODEL) as client:
+        await client.embed(["a", "b", "c"])
+    assert "stopped" not in out.getvalue()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("togembed serve: listening on ")
+    assert lines[1] == "togembed serve: stopped (1 request, 3 inputs embedded)"
+
+
+def test_stopped_line_format() -> None:
+    server = EmbeddingServer(StandInModel())
+    assert stopped_line(server) == "togembed serve: stopped (0 requests, 0 inputs embedded)"
+    server.stats.requests, server.stats.inputs = 1234, 1
+    assert stopped_line(server) == "togembed serve: stopped (1,234 requests, 1 input embedded)"
 
 
 def _serve_in_subprocess() -> subprocess.Popen[str]:

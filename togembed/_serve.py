@@ -12,7 +12,9 @@ interface) behind a dynamic batcher:
 * every queued request gets an equal share of each model call (leftover room goes first come,
   first served), so a 2048-input request cannot starve a one-input one;
 * a request whose client went away drops the texts not yet sent to the model;
-* responses are rendered a slice at a time, so a big float answer never stalls the loop.
+* responses are rendered a slice at a time, so a big float answer never stalls the loop;
+* connections have the limits production servers have (``_listen.ConnectionGuard``): a
+  deadline for the request head and one for the body, an idle keep-alive timeout, a cap.
 
 See docs/serve.md.
 """
@@ -25,6 +27,7 @@ import contextlib
 import hmac
 import itertools
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -41,22 +44,28 @@ import orjson
 from aiohttp import web
 
 from ._config import DEFAULT_HOST, DEFAULT_PORT, is_loopback_url
-from ._listen import listen
+from ._listen import ConnectionGuard, ListenError, listen, track_requests
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_HOST",
+    "DEFAULT_KEEPALIVE_TIMEOUT",
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_INPUTS_PER_REQUEST",
     "DEFAULT_MAX_WAIT",
     "DEFAULT_PORT",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "EmbeddingModel",
     "EmbeddingServer",
+    "ListenError",
     "ServeStats",
     "local_server",
     "ready_line",
     "serve",
+    "stopped_line",
 ]
 
 logger = logging.getLogger("togembed")
@@ -73,6 +82,27 @@ DEFAULT_MAX_INPUTS_PER_REQUEST = 2048
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 # Seconds close() waits for requests in flight before cutting them off.
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+
+# Connection limits (aiohttp's server has only an idle timeout of about an hour; docs/serve.md
+# has the comparison). A client writes an embeddings request's few hundred bytes of headers at
+# once, so the deadlines only ever cut off a stalled or malicious client (slowloris).
+#
+# Request line and headers: Apache's default (mod_reqtimeout header=20; nginx and Node allow
+# 60 s). Also the time a new connection may stay silent.
+DEFAULT_HEADER_TIMEOUT = 20.0
+# The whole body, from the end of the headers: nginx's client_body_timeout and Node's 60-300 s
+# order. A 64 MiB body (max_body_size) then needs ~1.1 MB/s; typical requests are < 5 MB.
+DEFAULT_BODY_TIMEOUT = 60.0
+# Idle between requests: nginx's keepalive_timeout. Longer than the idle timeouts of the
+# clients that talk to us (aiohttp's connector 15 s, httpx/openai-python 5 s), so the client
+# closes an idle connection first and never sends a request on one the server is closing
+# (the race gunicorn's and AWS's docs warn about with a short server timeout).
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+# Open connections at most (one file descriptor each): nginx's worker_connections default,
+# well under the usual 1024 open-files limit and far above what one model worker can use.
+# At the cap the idlest keep-alive connection is closed first; only if all are busy is a
+# new one answered 503.
+DEFAULT_MAX_CONNECTIONS = 512
 
 # Values rendered per event-loop turn, ~2-3 ms each: orjson writes ~13 M float32/s as JSON
 # text, base64 goes ~6x faster.
@@ -113,6 +143,10 @@ class ServeStats:
     cancelled: int = 0  # requests whose client went away before the answer
     dropped: int = 0  # texts of cancelled requests never sent to the model
     model_errors: int = 0  # model calls that raised
+    header_timeouts: int = 0  # connections closed: request head not received in time
+    body_timeouts: int = 0  # requests answered 408: body not received in time
+    refused_connections: int = 0  # connections answered 503: max_connections, all busy
+    idle_closed: int = 0  # idle keep-alive connections closed to admit a new one at the cap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,15 +178,6 @@ def _error(
 ) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
-
-
-def _unknown_model(name: object) -> web.Response:
-    return _error(
-        404,
-        f"Unable to access model {name}. Please visit https://api.together.ai/models "
-        "to view the list of supported models.",
-        code="model_not_available",
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +479,12 @@ class EmbeddingServer:
     (e.g. Together's names); ``"*"`` accepts any name. ``max_batch`` texts per model call;
     ``max_wait`` seconds a request waits for others to share its call;
     ``max_inputs_per_request`` inputs per request (413 beyond).
+
+    Connection limits (None: no limit): ``header_timeout`` seconds for a request's line and
+    headers (the connection is closed, after a 408 if part of a request arrived);
+    ``body_timeout`` seconds for its body (408, connection closed); ``keepalive_timeout``
+    seconds an idle connection stays open between requests; ``max_connections`` open at
+    once (beyond: the idlest keep-alive connection is closed, or the new one gets a 503).
     """
 
     def __init__(
@@ -468,11 +499,16 @@ class EmbeddingServer:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         access_log: bool = False,
+        header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+        keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+        max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         for name, value in (
             ("max_batch", max_batch),
             ("max_inputs_per_request", max_inputs_per_request),
             ("max_body_size", max_body_size),
+            ("max_connections", 1 if max_connections is None else max_connections),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -480,6 +516,15 @@ class EmbeddingServer:
             raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait!r}")
         if not shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {shutdown_timeout!r}")
+        for name, value, optional in (
+            ("header_timeout", header_timeout, True),
+            ("body_timeout", body_timeout, True),
+            ("keepalive_timeout", keepalive_timeout, False),
+        ):
+            if value is None and optional:
+                continue  # no limit
+            if value is None or not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         if int(model.dim) < 1:
             raise ValueError(f"model.dim must be >= 1, got {model.dim!r}")
         self.model = model
@@ -498,12 +543,17 @@ class EmbeddingServer:
         self.max_body_size = max_body_size
         self.shutdown_timeout = float(shutdown_timeout)
         self.access_log = access_log
+        self.header_timeout = None if header_timeout is None else float(header_timeout)
+        self.body_timeout = None if body_timeout is None else float(body_timeout)
+        self.keepalive_timeout = float(keepalive_timeout)
+        self.max_connections = max_connections
         self.stats = ServeStats()
         self._names = frozenset((self.model_name, *self.aliases))
         self._created = int(time.time())
         # Held around model calls: one caller at a time even if make_app() runs twice.
         self._model_lock = threading.Lock()
         self._runner: web.AppRunner | None = None
+        self._guard: ConnectionGuard | None = None
         self._base_url: str | None = None
         self._exposed = False
 
@@ -516,7 +566,9 @@ class EmbeddingServer:
     def make_app(self) -> web.Application:
         """The aiohttp application. Its batcher starts and stops with the app (on_startup /
         on_cleanup), so ``web.run_app(server.make_app())`` works too."""
-        app = web.Application(client_max_size=self.max_body_size, middlewares=[_json_errors])
+        app = web.Application(
+            client_max_size=self.max_body_size, middlewares=[track_requests, _json_errors]
+        )
         app.router.add_post("/v1/embeddings", self._handle_embeddings)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/v1/models/{name:.+}", self._handle_model)
@@ -527,9 +579,16 @@ class EmbeddingServer:
         return app
 
     async def start(self, host: str = DEFAULT_HOST, port: int = 0) -> str:
-        """Listen on ``host:port`` (0 = a free port) and return :attr:`base_url`."""
+        """Listen on ``host:port`` (0 = a free port) and return :attr:`base_url`.
+
+        Raises :class:`ListenError` (an ``OSError``) if the address cannot be bound."""
         if self._runner is not None:
             raise RuntimeError("server already started")
+        guard = ConnectionGuard(
+            header_timeout=self.header_timeout,
+            max_connections=self.max_connections,
+            stats=self.stats,
+        )
         # A handler whose client went away is cancelled: its queued texts are dropped.
         runner, self._base_url = await listen(
             self.make_app(),
@@ -537,8 +596,10 @@ class EmbeddingServer:
             port,
             shutdown_timeout=self.shutdown_timeout,
             access_log=logging.getLogger("togembed.access") if self.access_log else None,
+            keepalive_timeout=self.keepalive_timeout,
+            guard=guard,
         )
-        self._runner = runner
+        self._runner, self._guard = runner, guard
         self._exposed = not all(_is_loopback_host(a[0]) for a in runner.addresses)
         logger.info("serving %s (dim %d) at %s", self.model_name, self.dim, self._base_url)
         return self._base_url
@@ -568,6 +629,11 @@ class EmbeddingServer:
     def exposed(self) -> bool:
         """True when listening on an address other machines can reach (0.0.0.0, a LAN IP)."""
         return self._exposed
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (idle keep-alive ones included)."""
+        return len(self._guard.open) if self._guard is not None else 0
 
     @property
     def root_url(self) -> str:
@@ -628,7 +694,7 @@ class EmbeddingServer:
             return denied
         name = request.match_info["name"]
         if not self._knows(name):
-            return _unknown_model(name)
+            return self._unknown_model(name)
         return web.json_response(self._model_entry(name), dumps=_dumps)
 
     async def _handle_health(self, request: web.Request) -> web.Response:
@@ -639,12 +705,38 @@ class EmbeddingServer:
     def _knows(self, name: str) -> bool:
         return self.accept_any_model or name in self._names
 
+    def _unknown_model(self, name: str) -> web.Response:
+        """Together's 404 for an unknown model, but naming what this server does serve and
+        how to make it answer to ``name`` (a client written for Together sends its names)."""
+        shown = name if len(name) <= 200 else name[:200] + "..."
+        served = self.model_name
+        if self.aliases:
+            served += f" (also answering to {', '.join(self.aliases)})"
+        return _error(
+            404,
+            f"Unable to access model {shown}: this togembed server serves {served} only. "
+            f"To accept the name {shown} for {self.model_name}, start the server with "
+            f"`togembed serve --alias {shlex.quote(shown)}` (or `--alias '*'` for any name; "
+            "EmbeddingServer(aliases=[...]) in Python).",
+            code="model_not_found",
+        )
+
     async def _handle_embeddings(self, request: web.Request) -> web.StreamResponse:
         denied = self._denied(request)
         if denied is not None:
             return denied
         try:
-            raw = await request.read()
+            raw = await asyncio.wait_for(request.read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            self.stats.body_timeouts += 1
+            return await _answer_and_close(
+                request,
+                _error(
+                    408,
+                    f"The request body did not arrive within {self.body_timeout:g} s.",
+                    code="request_timeout",
+                ),
+            )
         except web.HTTPRequestEntityTooLarge:
             return _error(
                 413,
@@ -732,7 +824,7 @@ class EmbeddingServer:
                 )
             )
         if not self._knows(model):
-            raise _Reject(_unknown_model(model))
+            raise _Reject(self._unknown_model(model))
         if len(texts) > self.max_inputs_per_request:
             raise _Reject(
                 _error(
@@ -749,6 +841,17 @@ def _is_loopback_host(host: str) -> bool:
     """127.0.0.0/8, ::1 and localhost; ``0.0.0.0`` and ``::`` (every interface) are not."""
     host = host.strip("[]")
     return host != "" and is_loopback_url(f"http://[{host}]/" if ":" in host else f"http://{host}/")
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` and close the connection at once: the rest of the request is not
+    coming (aiohttp would otherwise wait up to 10 s more for it, to discard it)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 def _dumps(obj: Any) -> str:
@@ -825,6 +928,15 @@ def ready_line(server: EmbeddingServer) -> str:
     )
 
 
+def stopped_line(server: EmbeddingServer) -> str:
+    """What ``serve`` prints once closed: how much it did."""
+    n, texts = server.stats.requests, server.stats.inputs
+    return (
+        f"togembed serve: stopped ({n:,} request{'s' * (n != 1)}, "
+        f"{texts:,} input{'s' * (texts != 1)} embedded)"
+    )
+
+
 async def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
@@ -836,15 +948,21 @@ async def serve(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_wait: float = DEFAULT_MAX_WAIT,
     max_inputs_per_request: int = DEFAULT_MAX_INPUTS_PER_REQUEST,
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     access_log: bool = False,
+    header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
     stop: asyncio.Event | None = None,
     out: TextIO | None = None,
 ) -> None:
     """Serve ``model_name`` (``load_model``'s default when None; or the ready ``model``) until
     SIGINT/SIGTERM (or ``stop`` is set), then shut down gracefully.
 
-    Prints :func:`ready_line` to ``out`` (stdout) once listening.
+    Prints :func:`ready_line` to ``out`` (stdout) once listening and :func:`stopped_line`
+    once closed. Raises :class:`ListenError` if ``host:port`` cannot be bound.
     """
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -872,9 +990,15 @@ async def serve(
             max_batch=max_batch,
             max_wait=max_wait,
             max_inputs_per_request=max_inputs_per_request,
+            max_body_size=max_body_size,
             shutdown_timeout=shutdown_timeout,
             access_log=access_log,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            keepalive_timeout=keepalive_timeout,
+            max_connections=max_connections,
         )
+        out = out if out is not None else sys.stdout
         await server.start(host, port)
         try:
             if api_key is None and server.exposed:
@@ -884,10 +1008,11 @@ async def serve(
                     file=sys.stderr,
                     flush=True,
                 )
-            print(ready_line(server), file=out if out is not None else sys.stdout, flush=True)
+            print(ready_line(server), file=out, flush=True)
             await stop.wait()
         finally:
             await server.close()
+        print(stopped_line(server), file=out, flush=True)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)

