@@ -356,7 +356,7 @@ def _check_model(model: object) -> None:
         raise InvalidModelError(f"model must be a str, not {type(model).__name__}")
     if not model.strip():
         raise InvalidModelError(
-            "model is empty: pass a model name (model=\"\" does not mean the client's default; "
+            'model is empty: pass a model name (model="" does not mean the client\'s default; '
             "leave model out for that)"
         )
 

@@ -259,9 +259,8 @@ _NON_SERVERLESS = re.compile(r"non-serverless model", re.I)
 _MODEL_WORD = re.compile(r"\bmodel\b", re.I)
 _MODEL_CODES = ("model_not_available", "model_not_found")
 
-def is_model_not_available(
-    status: int, message: str, code: str | None, param: str | None
-) -> bool:
+
+def is_model_not_available(status: int, message: str, code: str | None, param: str | None) -> bool:
     """The model cannot be used here, for good: an unknown model (404 about the model),
     Together's ``model_not_available`` code (400, 404 or 503) or its "Unable to access
     non-serverless model" (400). Other 503s mean "no capacity now" and stay retried."""

@@ -168,9 +168,10 @@ def _redirect_error(method: str, url: str, exc: aiohttp.TooManyRedirects) -> Too
     last = history[-1] if history else None
     location = last.headers.get("Location") if last is not None else None
     status = last.status if last is not None else 310
-    hops = " -> ".join(str(r.headers.get("Location", "?")) for r in history[-3:])
+    seen = dict.fromkeys(str(r.headers.get("Location", "?")) for r in history)
+    hops = ", ".join(list(seen)[-3:])
     return TooManyRedirectsError(
-        f"{method} {url} redirects in a loop ({len(history)} redirects, last: {hops}); "
+        f"{method} {url} redirects in a loop ({len(history)} redirects, to {hops}); "
         "check base_url (the URL the API answers at, e.g. https://api.together.xyz/v1)",
         status_code=status,
         location=location,
