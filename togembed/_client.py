@@ -366,11 +366,10 @@ def _secrets(api_key: str | None, headers: Mapping[str, str]) -> tuple[str, ...]
     found = [api_key] if api_key else []
     for name, value in headers.items():
         if name.lower() in _SECRET_HEADERS and isinstance(value, str):
-            found.append(value)
             scheme, _, token = value.partition(" ")
-            if token and scheme.lower() == "bearer":
-                found.append(token)
-    # longest first, so "Bearer <key>" is replaced whole before the bare key
+            # "Bearer <key>" becomes "Bearer [REDACTED]": the scheme says what was hidden
+            found.append(token if token and scheme.lower() == "bearer" else value)
+    # longest first, so a secret containing another is replaced whole
     unique = {v for v in found if len(v) >= _MIN_SECRET}
     return tuple(sorted(unique, key=len, reverse=True))
 
