@@ -4,7 +4,9 @@ does not have. Each records the requests it saw."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -98,3 +100,21 @@ async def apps() -> AsyncIterator[Callable[..., Awaitable[App]]]:
     for app in started:
         await app.close()
     await asyncio.sleep(0)
+
+
+@contextlib.contextmanager
+def app_in_thread(routes: dict[tuple[str, str], Handler]) -> Iterator[App]:
+    """``start_app`` on an event loop of its own thread, for blocking callers (the CLI)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        app = asyncio.run_coroutine_threadsafe(start_app(routes), loop).result(10)
+        try:
+            yield app
+        finally:
+            asyncio.run_coroutine_threadsafe(app.close(), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()

@@ -472,7 +472,7 @@ async def _list_models(url: str, show_all: bool) -> int:
             if m.context_length:
                 extras.append(f"context {m.context_length}")
             click.echo(f"  {m.id:<{width}}  {', '.join(extras)}")
-    elif models.types_known and not show_all and "api.together" in url:
+    elif models.types_known and not show_all and _is_together(url):
         click.echo(
             "Together withdrew its serverless embedding models in 2026: use a dedicated "
             "endpoint (--base-url https://api-inference.together.ai/v1, the model being the "
@@ -480,6 +480,13 @@ async def _list_models(url: str, show_all: bool) -> int:
             "--all lists every model.",
         )
     return EXIT_OK
+
+
+def _is_together(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    return host.endswith(("together.xyz", "together.ai"))
 
 
 def main(argv: list[str] | None = None) -> None:
