@@ -16,9 +16,6 @@ import orjson
 
 __all__ = ["Embedding", "EmbeddingResponse", "Usage"]
 
-_UNSET: Any = object()
-
-
 def _pick(spec: Any, key: object) -> Any:
     """What an include/exclude spec (pydantic's: a set of keys, or a dict of key -> True or a
     nested spec, with ``"__all__"`` for every item of a list) says about ``key``: None when it
@@ -72,7 +69,9 @@ class _Serializable:
                 flags.exclude_none or (flags.exclude_unset and name in self._OPTIONAL)
             ):
                 continue
-            if flags.exclude_defaults and value == defaults.get(name, _UNSET):
+            # Only optional fields have a default in the peers' models (``object`` is a
+            # required Literal there), so only they can be left out as "default".
+            if flags.exclude_defaults and name in self._OPTIONAL and value == defaults[name]:
                 continue
             out[name] = _value(value, _nested(inc), _nested(exc), flags)
         return out
