@@ -368,3 +368,27 @@ async def test_a_long_hint_pauses_the_limiter_no_longer_than_max_retry_after(
     finally:
         togembed.testing.set_backoff_enabled(False)
     np.testing.assert_array_equal(arr, fake_embeddings(["b"], DIM))
+
+
+async def test_a_refused_extra_body_key_is_the_callers_error_and_costs_no_fallback(
+    server: FakeTogetherServer,
+) -> None:
+    async with client_for(server.base_url) as client:
+        with pytest.raises(togembed.BadRequestError, match="input_type") as info:
+            await client.embed(texts(10), extra_body={"input_type": "query"})
+        assert info.value.input_index is None  # about the request: not bisected
+        assert server.stats.requests == 1
+        await client.embed(texts(2))
+    assert [r.encoding_format for r in server.stats.log] == ["base64", "base64"]
+
+
+async def test_an_unknown_field_refusal_in_tei_words_is_not_bisected(make_app: Any) -> None:
+    async def tei(request: web.Request) -> web.Response:
+        message = "Failed to deserialize the JSON body into the target type: unknown field `x`"
+        return error(422, message, error_type="Validation")
+
+    app = await make_app({("POST", "/v1/embeddings"): tei})
+    async with client_for(app.base_url) as client:
+        with pytest.raises(togembed.UnprocessableEntityError):
+            await client.embed(texts(64), extra_body={"x": 1})
+    assert app.requests == 1

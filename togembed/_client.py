@@ -195,19 +195,24 @@ class AsyncClient:
         *,
         model: str | None = None,
         dimensions: int | None = None,
+        user: str | None = None,
         extra_headers: Mapping[str, str | None] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Embed ``texts`` into a float32 array of shape (N, D), row i for ``texts[i]``.
 
         Rows are written into one preallocated array as batches arrive. ``embed([])`` returns
-        an empty (0, 0) array without a request. ``dimensions``, ``extra_headers`` and
+        an empty (0, 0) array without a request. ``dimensions``, ``user``, ``extra_*`` and
         ``timeout`` (seconds for the whole call) as in ``embeddings.create``.
         """
         started = time.monotonic()
         items = normalize_input(texts)
         model = self._model_for(model)
-        options = self._options(started, timeout, dimensions, None, extra_headers, None, None)
+        options = self._options(
+            started, timeout, dimensions, user, extra_headers, extra_query, extra_body
+        )
         sink = ArraySink(len(items))
         await self._run(items, model, sink, None, options)
         return sink.result()

@@ -52,8 +52,8 @@ logger = logging.getLogger("togembed")
 
 _NO_TOKEN_LIMIT = 1 << 62
 _REQUEST_LEVEL = re.compile(
-    r"model|unrecognized request argument|encoding_format|dimensions|matryoshka|api key|"
-    r"authoriz",
+    r"model|unrecognized request argument|unknown field|encoding_format|dimensions|matryoshka|"
+    r"api key|authoriz",
     re.I,
 )
 _TOO_MANY = re.compile(
@@ -66,7 +66,6 @@ _INPUT_HINT = re.compile(r"input|token|too long|length|context", re.I)
 # arguments supplied: dimensions", vLLM "dimensions is currently not supported" or "does not
 # support matryoshka representation", OpenAI "does not support specifying dimensions".
 _DIMENSIONS_REFUSED = re.compile(r"dimensions|matryoshka", re.I)
-_OPTIONAL_ARGUMENTS = frozenset({"encoding_format", "user", "dimensions"})
 
 
 @attrs.define
@@ -484,8 +483,9 @@ class _Call:
             return False
         s = self.s
         named = rejected_arguments(exc.message)
-        # "unrecognized request arguments" naming none of ours: drop all we sent
-        drop_all = named is not None and not (named & _OPTIONAL_ARGUMENTS)
+        # "unrecognized request arguments" naming none: drop all we sent. Names given: only
+        # those (an ``extra_body`` key of the caller's is the caller's to fix).
+        drop_all = named is not None and not named
         resend = False
         if sent_format is not None and (
             drop_all or "encoding_format" in exc.message or (named and "encoding_format" in named)

@@ -142,7 +142,10 @@ class Client:
         *,
         model: str | None = None,
         dimensions: int | None = None,
+        user: str | None = None,
         extra_headers: Mapping[str, str | None] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Same as ``AsyncClient.embed``, blocking."""
@@ -151,7 +154,10 @@ class Client:
                 texts,
                 model=model,
                 dimensions=dimensions,
+                user=user,
                 extra_headers=extra_headers,
+                extra_query=extra_query,
+                extra_body=extra_body,
                 timeout=timeout,
             )
         )
