@@ -392,3 +392,12 @@ async def test_an_unknown_field_refusal_in_tei_words_is_not_bisected(make_app: A
         with pytest.raises(togembed.UnprocessableEntityError):
             await client.embed(texts(64), extra_body={"x": 1})
     assert app.requests == 1
+
+
+async def test_a_refused_argument_that_extra_body_keeps_sending_is_not_resent_forever(
+    server: FakeTogetherServer,
+) -> None:
+    async with client_for(server.base_url) as client:
+        with pytest.raises(togembed.BadRequestError, match="user"):
+            await client.embed(["a"], user="u", extra_body={"user": "u", "dimensions": 8})
+    assert server.stats.requests == 1

@@ -488,7 +488,9 @@ class _Call:
         drop_all = named is not None and not named
         resend = False
         if sent_format is not None and (
-            drop_all or "encoding_format" in exc.message or (named and "encoding_format" in named)
+            drop_all
+            or "encoding_format" in exc.message.lower()
+            or (named and "encoding_format" in named)
         ):
             if s.encoding_format is not None:
                 logger.warning("server rejects encoding_format; asking for float JSON from now on")
@@ -527,7 +529,9 @@ class _Call:
         s = self.s
         if isinstance(exc, ModelNotAvailableError):
             raise exc  # the model, not the batch: no bisection, nothing else sent
-        if self._drop_refused_arguments(exc, sent_format, extra):
+        if self._drop_refused_arguments(exc, sent_format, extra) and (
+            self.encoding_format != sent_format or self._extra() != extra
+        ):  # resent only if it now differs (an ``extra_body`` may carry the same argument)
             await self._process(batch)
             return
         if batch.size > 1 and _rejects_input(exc):
