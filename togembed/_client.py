@@ -23,6 +23,8 @@ from ._config import (
     DEFAULT_TIMEOUT,
     EncodingFormat,
     RetryPolicy,
+    base_url_source,
+    check_base_url,
     is_loopback_url,
     resolve_api_key,
     resolve_base_url,
@@ -149,6 +151,7 @@ class AsyncClient:
         self.limiter: Limiter = limiter if limiter is not None else RateLimiter(rpm=rpm, tpm=tpm)
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_base_url(base_url)
+        check_base_url(self.base_url, source=base_url_source(base_url))
         self.model = model
         self.timeout = float(timeout)
         self.retry = retry

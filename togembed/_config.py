@@ -89,19 +89,20 @@ def resolve_api_key(api_key: str | None) -> str | None:
 
 def resolve_base_url(base_url: str | None) -> str:
     """The API root without a trailing slash: ``base_url``, else ``$TOGETHER_BASE_URL``, else
-    Together's. A malformed URL raises ``InvalidBaseURLError`` (e.g. ``127.0.0.1:8765/v1``, which
-    would otherwise be read as a scheme "127.0.0.1" and fail later in confusing ways)."""
-    source = "base_url"
-    url = base_url
-    if not url:
-        url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-        source = BASE_URL_ENV if os.environ.get(BASE_URL_ENV) else "base_url"
-    check_base_url(url, source=source)
+    Together's. Not checked here (``check_base_url`` does that; ``AsyncClient`` calls it)."""
+    url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     return url.rstrip("/")
 
 
+def base_url_source(base_url: str | None) -> str:
+    """Where the base URL came from, for error messages."""
+    return BASE_URL_ENV if not base_url and os.environ.get(BASE_URL_ENV) else "base_url"
+
+
 def check_base_url(url: object, *, source: str = "base_url") -> None:
-    """Raise ``InvalidBaseURLError`` unless ``url`` is ``http(s)://host[:port][/path]``."""
+    """Raise ``InvalidBaseURLError`` unless ``url`` is ``http(s)://host[:port][/path]``: e.g.
+    ``127.0.0.1:8765/v1`` would be read as a scheme "127.0.0.1" and fail later in confusing
+    ways (as a missing API key, since it is not a loopback URL)."""
     if not isinstance(url, str):
         raise InvalidBaseURLError(f"{source} must be a str, not {type(url).__name__}")
     try:

@@ -437,10 +437,12 @@ def models_command(base_url: str | None, show_all: bool) -> None:
       togembed models --base-url https://api-inference.together.ai/v1
       togembed models --base-url http://127.0.0.1:8000/v1 --all
     """
+    from ._config import base_url_source, check_base_url
     from ._exceptions import InvalidBaseURLError
 
+    url = resolve_base_url(base_url)
     try:
-        url = resolve_base_url(base_url)
+        check_base_url(url, source=base_url_source(base_url))
     except InvalidBaseURLError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
