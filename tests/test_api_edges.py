@@ -512,9 +512,7 @@ async def test_connect_retries_zero_fails_fast(refused_url: str, kwargs: dict[st
 
 async def test_connect_retries_do_not_limit_other_retries(server: FakeTogetherServer) -> None:
     server.faults.extend(["500", "drop_fin", "502"])
-    async with togembed.AsyncClient(
-        base_url=server.base_url, model=MODEL, connect_retries=0
-    ) as c:
+    async with togembed.AsyncClient(base_url=server.base_url, model=MODEL, connect_retries=0) as c:
         arr = await c.embed(["a"])
     np.testing.assert_array_equal(arr, fake_embeddings(["a"], DIM))
     assert server.stats.requests == 4

@@ -16,6 +16,7 @@ import orjson
 
 __all__ = ["Embedding", "EmbeddingResponse", "Usage"]
 
+
 def _pick(spec: Any, key: object) -> Any:
     """What an include/exclude spec (pydantic's: a set of keys, or a dict of key -> True or a
     nested spec, with ``"__all__"`` for every item of a list) says about ``key``: None when it
