@@ -16,6 +16,8 @@ from togembed._protocol import (
     encode_request,
     error_from_response,
     parse_retry_after,
+    redact,
+    rejected_arguments,
 )
 
 
@@ -165,3 +167,128 @@ def test_ratelimit_reset_only_counts_on_429() -> None:
     headers = CIMultiDict({"x-ratelimit-reset": "7"})
     assert error_from_response(429, headers, b"").retry_after == 7.0
     assert error_from_response(503, headers, b"").retry_after is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Request arguments, model availability, redaction, refused arguments
+
+
+def test_request_body_carries_extra_arguments_which_win() -> None:
+    body = orjson.loads(
+        encode_request("m", ["a"], "base64", {"dimensions": 8, "user": "u", "model": "x"})
+    )
+    assert body == {
+        "model": "x",
+        "input": ["a"],
+        "encoding_format": "base64",
+        "dimensions": 8,
+        "user": "u",
+    }
+
+
+def _err(status: int, **error: object) -> togembed.APIStatusError:
+    return error_from_response(status, CIMultiDict(), orjson.dumps({"error": error}))
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (503, {"message": "Model X is not available", "code": "model_not_available"}),
+        (400, {"message": "Unable to access non-serverless model X. Please visit ..."}),
+        (404, {"message": "Unable to access model X.", "code": "model_not_available"}),
+        (404, {"message": "The model `x` does not exist."}),  # vLLM, OpenAI
+        (404, {"message": "not found", "param": "model"}),
+        (400, {"message": "bad", "code": "model_not_found"}),
+    ],
+)
+def test_model_not_available_in_its_forms(status: int, error: dict) -> None:
+    exc = _err(status, **error)
+    assert type(exc) is togembed.ModelNotAvailableError
+    assert exc.status_code == status
+    assert exc.message == f"HTTP {status}: {error['message']}"
+    assert str(exc).startswith(exc.message) and "dedicated endpoint" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "cls"),
+    [
+        (503, {"message": "The server is overloaded", "type": "service_unavailable"}, None),
+        (404, {"message": "Not found: POST /v2/embeddings"}, togembed.NotFoundError),
+        (404, {"message": "Not found: GET /v1/models"}, togembed.NotFoundError),
+        (400, {"message": "Input validation error: input 3 is too long"}, None),
+    ],
+)
+def test_other_errors_are_not_model_not_available(
+    status: int, error: dict, cls: type | None
+) -> None:
+    exc = _err(status, **error)
+    assert not isinstance(exc, togembed.ModelNotAvailableError)
+    if cls is not None:
+        assert type(exc) is cls
+
+
+def test_a_request_without_a_model_gives_no_model_error() -> None:
+    raw = orjson.dumps({"error": {"message": "x", "code": "model_not_available"}})
+    exc = error_from_response(404, CIMultiDict(), raw, about_model=False)
+    assert type(exc) is togembed.NotFoundError
+
+
+def test_secrets_are_redacted_from_message_body_and_fields() -> None:
+    key = "sk-0123456789abcdef"
+    raw = orjson.dumps(
+        {
+            "error": {
+                "message": f"bad key Bearer {key}",
+                "type": f"t {key}",
+                "param": key,
+                "code": key,
+            },
+            "echo": [key, {key: key}],
+        }
+    )
+    exc = error_from_response(400, CIMultiDict(), raw, secrets=(key,))
+    assert exc.message == "HTTP 400: bad key Bearer [REDACTED]"
+    assert (exc.error_type, exc.param, exc.code) == ("t [REDACTED]", "[REDACTED]", "[REDACTED]")
+    assert exc.body["echo"] == ["[REDACTED]", {"[REDACTED]": "[REDACTED]"}]
+    html = error_from_response(
+        502, CIMultiDict(), f"<title>no {key}</title>".encode(), secrets=(key,)
+    )
+    assert key not in html.message and key not in repr(html.body)
+
+
+def test_redact_leaves_other_values_alone() -> None:
+    assert redact({"a": 1, "b": None, "c": [1.5, True]}, ("secret-key",)) == {
+        "a": 1,
+        "b": None,
+        "c": [1.5, True],
+    }
+    assert redact(b"x secret-key y", ("secret-key",)) == b"x [REDACTED] y"
+    assert redact("untouched", ()) == "untouched"
+
+
+def test_a_200_with_an_error_keeps_the_servers_words() -> None:
+    raw = orjson.dumps({"error": {"message": "upstream failed", "type": "api_error", "code": 7}})
+    with pytest.raises(togembed.APIResponseValidationError) as info:
+        decode_embeddings(raw, 1, secrets=("never-shown",))
+    assert info.value.message == "HTTP 200 with an error instead of embeddings: upstream failed"
+    assert (info.value.error_type, info.value.code) == ("api_error", "7")
+    with pytest.raises(togembed.APIResponseValidationError, match="instead of embeddings: busy"):
+        decode_embeddings(b'{"error": "busy"}', 1)
+
+
+@pytest.mark.parametrize(
+    ("message", "names"),
+    [
+        (
+            "HTTP 400: Unrecognized request arguments supplied: dimensions, user",
+            {"dimensions", "user"},
+        ),
+        ("HTTP 400: Unrecognized request argument supplied: user", {"user"}),
+        ("unrecognized request arguments", set()),
+        ("Failed to deserialize the JSON body: unknown field `user`, expected", {"user"}),
+        ("HTTP 400: Too many inputs", None),
+    ],
+)
+def test_rejected_arguments_are_read_from_the_message(message: str, names: set | None) -> None:
+    found = rejected_arguments(message)
+    assert (set(found) if found is not None else None) == names

@@ -107,3 +107,105 @@ async def test_success_after_retries_reports_each_retry() -> None:
     assert out == "ok"
     assert [name for name, _ in seen] == ["APIConnectionError", "RateLimitError"]
     assert 1.5 <= seen[1][1] <= 1.65
+
+
+async def test_a_hint_beyond_max_retry_after_raises_at_once_with_the_hint() -> None:
+    calls = 0
+
+    async def fail() -> None:
+        nonlocal calls
+        calls += 1
+        raise status(429, retry_after=3600.0)
+
+    with pytest.raises(togembed.RateLimitError) as info:
+        await call_with_retries(fail, RetryPolicy(max_retry_after=120.0))
+    assert calls == 1
+    assert info.value.retry_after == 3600.0
+
+
+async def test_a_hint_at_max_retry_after_is_still_waited_for() -> None:
+    seen: list[float] = []
+    results = iter([status(503, retry_after=5.0), "ok"])
+
+    async def flaky() -> str:
+        r = next(results)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    with backoff_disabled():
+        out = await call_with_retries(
+            flaky, RetryPolicy(max_retry_after=5.0), on_retry=lambda e, w: seen.append(w)
+        )
+    assert out == "ok" and 5.0 <= seen[0] <= 5.5
+
+
+async def test_a_deadline_stops_before_a_wait_past_it() -> None:
+    import time
+
+    calls = 0
+
+    async def fail() -> None:
+        nonlocal calls
+        calls += 1
+        raise status(503)
+
+    policy = RetryPolicy(initial_backoff=4.0, max_backoff=4.0, max_retries=10)
+    with backoff_disabled(), pytest.raises(togembed.InternalServerError):
+        await call_with_retries(fail, policy, deadline=time.monotonic() + 1.0)
+    assert calls == 1  # the first wait (2-4 s) would end past the deadline
+
+
+@pytest.mark.parametrize(("connect_retries", "calls_made"), [(0, 1), (2, 3), (None, 5)])
+async def test_connect_retries_count_failures_to_connect_only(
+    connect_retries: int | None, calls_made: int
+) -> None:
+    calls = 0
+
+    async def refused() -> None:
+        nonlocal calls
+        calls += 1
+        raise togembed.APIConnectionError("refused", connect_failed=True)
+
+    policy = RetryPolicy(max_retries=4, connect_retries=connect_retries)
+    with backoff_disabled(), pytest.raises(togembed.APIConnectionError):
+        await call_with_retries(refused, policy)
+    assert calls == calls_made
+
+
+def test_model_not_available_and_redirects_are_never_retried() -> None:
+    assert not is_retryable(
+        togembed.ModelNotAvailableError("gone", status_code=503, code="model_not_available")
+    )
+    assert not is_retryable(togembed.TooManyRedirectsError("loop", status_code=308))
+    assert not is_retryable(
+        togembed.DimensionsNotSupportedError("no", dimensions=8, model_dimensions=32)
+    )
+
+
+def test_the_success_path_leaves_no_cyclic_garbage() -> None:
+    """Services call this 1000 times a second: a success must not feed the cyclic GC."""
+    import asyncio
+    import gc
+
+    async def ok() -> int:
+        return 1
+
+    async def many() -> None:
+        for _ in range(200):
+            await call_with_retries(ok, RetryPolicy())
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(many())  # warm up
+        gc.collect()
+        gc.disable()
+        try:
+            before = gc.get_count()[0]
+            loop.run_until_complete(many())
+            grown = gc.get_count()[0] - before
+        finally:
+            gc.enable()
+    finally:
+        loop.close()
+    assert grown < 50, f"{grown} container objects left per 200 calls"

@@ -25,19 +25,25 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    DimensionsNotSupportedError,
     InternalServerError,
+    InvalidBaseURLError,
     InvalidInputError,
+    InvalidModelError,
     MissingAPIKeyError,
+    ModelNotAvailableError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
     TogembedError,
+    TooManyRedirectsError,
     UnprocessableEntityError,
 )
+from ._models import AsyncModels, Model, ModelList
 from ._ratelimit import Feedback, Limiter, RateLimiter, RateLimiterStats, Ticket
 from ._runner import ClientStats
 from ._stream import EmbeddingChunk
-from ._sync import Client, Embeddings
+from ._sync import Client, Embeddings, Models
 from ._transport import Response, Transport
 from ._types import Embedding, EmbeddingResponse, Usage
 from ._version import __version__
@@ -60,19 +66,27 @@ __all__ = [
     "APITimeoutError",
     "AsyncClient",
     "AsyncEmbeddings",
+    "AsyncModels",
     "AuthenticationError",
     "BadRequestError",
     "Client",
     "ClientStats",
+    "DimensionsNotSupportedError",
     "Embedding",
     "EmbeddingChunk",
     "EmbeddingResponse",
     "Embeddings",
     "Feedback",
     "InternalServerError",
+    "InvalidBaseURLError",
     "InvalidInputError",
+    "InvalidModelError",
     "Limiter",
     "MissingAPIKeyError",
+    "Model",
+    "ModelList",
+    "ModelNotAvailableError",
+    "Models",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -82,6 +96,7 @@ __all__ = [
     "RetryPolicy",
     "Ticket",
     "TogembedError",
+    "TooManyRedirectsError",
     "Transport",
     "UnprocessableEntityError",
     "Usage",

@@ -8,7 +8,14 @@ import attrs
 
 from ._exceptions import InvalidInputError
 
-__all__ = ["Batch", "estimate_tokens", "find_invalid_input", "normalize_input", "plan_batches"]
+__all__ = [
+    "Batch",
+    "estimate_tokens",
+    "find_invalid_input",
+    "is_sendable",
+    "normalize_input",
+    "plan_batches",
+]
 
 
 @attrs.frozen
@@ -36,17 +43,41 @@ def estimate_tokens(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass")) // 3 + 1
 
 
+def is_sendable(text: str) -> bool:
+    """Whether a str can travel as JSON (UTF-8): not if it holds a lone surrogate such as
+    ``"\\ud800"`` (what ``errors="surrogateescape"`` leaves of undecodable bytes). O(1) for the
+    usual ASCII text; other text pays one encode."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def describe_invalid(value: object) -> str:
     kind = type(value).__name__
     if value is None:
         return "None is not a string"
+    if isinstance(value, str):
+        at = next(i for i, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF)
+        return (
+            f"a lone surrogate {value[at]!r} at character {at} cannot be sent as UTF-8 (read "
+            "with errors='surrogateescape'? decode with errors='replace', or fix the text)"
+        )
     return f"{kind} is not a string ({value!r:.60})"
 
 
 def find_invalid_input(texts: Sequence[object], start: int, stop: int) -> int | None:
-    """Index of the first non-``str`` item in ``texts[start:stop]``, or None."""
+    """Index of the first item in ``texts[start:stop]`` that cannot be sent (not a ``str``, or
+    a str with a lone surrogate), or None."""
     for i in range(start, stop):
-        if type(texts[i]) is not str and not isinstance(texts[i], str):
+        text = texts[i]
+        if type(text) is str or isinstance(text, str):
+            if not text.isascii() and not is_sendable(text):  # type: ignore[union-attr]
+                return i
+        else:
             return i
     return None
 

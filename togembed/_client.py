@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
+import attrs
 import numpy as np
 
 from ._batching import find_invalid_input, invalid_input_error, normalize_input
@@ -20,13 +23,24 @@ from ._config import (
     DEFAULT_TIMEOUT,
     EncodingFormat,
     RetryPolicy,
+    base_url_source,
+    check_base_url,
     is_loopback_url,
     resolve_api_key,
     resolve_base_url,
 )
-from ._exceptions import MissingAPIKeyError
+from ._exceptions import InvalidModelError, MissingAPIKeyError
+from ._models import AsyncModels
 from ._ratelimit import Limiter, RateLimiter
-from ._runner import ArraySink, CallSettings, ClientStats, ListSink, Sink, run_call
+from ._runner import (
+    ArraySink,
+    CallOptions,
+    CallSettings,
+    ClientStats,
+    ListSink,
+    Sink,
+    run_call,
+)
 from ._stream import EmbeddingChunk, EmbeddingStream, TextBlocks
 from ._transport import AiohttpTransport, Transport
 from ._types import EmbeddingResponse
@@ -36,6 +50,10 @@ __all__ = ["AsyncClient", "AsyncEmbeddings"]
 
 _CHECK_CHUNK = 50_000  # inputs type-checked per event-loop step (~2 ms)
 _ENCODINGS = ("base64", "float")
+# Headers whose values are secrets, redacted from server texts like the API key. Shorter values
+# are not redacted: no real key is that short, and replacing e.g. every "k" would garble text.
+_SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
+_MIN_SECRET = 8
 
 
 def _positive(name: str, value: int) -> int:
@@ -56,18 +74,33 @@ class AsyncEmbeddings:
         input: str | Sequence[str],
         model: str | None = None,
         encoding_format: EncodingFormat | None = None,
+        dimensions: int | None = None,
+        user: str | None = None,
+        extra_headers: Mapping[str, str | None] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> EmbeddingResponse:
         """Embed one string or any number of strings; ``data[i]`` is the vector of input i.
 
         Batching is invisible. ``encoding_format="base64"`` returns base64 strings (as the
         peers do); otherwise vectors are lists of floats, whatever travelled on the wire.
+        The rest is openai-python's signature: ``dimensions`` and ``user`` go in the body
+        (dropped where the server refuses them; a ``dimensions`` the server cannot honour
+        raises ``DimensionsNotSupportedError``), ``extra_*`` are merged into the request
+        (a None header value removes that header), ``timeout`` is seconds for the whole
+        call, retries and waits included (None: the client's limits only).
         """
         client = self._client
+        started = time.monotonic()
         texts = normalize_input(input)
         model = client._model_for(model)
         fmt = client._check_encoding(encoding_format)
+        options = client._options(
+            started, timeout, dimensions, user, extra_headers, extra_query, extra_body
+        )
         sink = ListSink(len(texts), keep_base64=fmt == "base64")
-        await client._run(texts, model, sink, fmt)
+        await client._run(texts, model, sink, fmt, options)
         return sink.result(model)
 
 
@@ -98,6 +131,7 @@ class AsyncClient:
         session: aiohttp.ClientSession | None = None,
         transport: Transport | None = None,
         default_headers: dict[str, str] | None = None,
+        connect_retries: int | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
@@ -105,8 +139,12 @@ class AsyncClient:
             raise ValueError(
                 f"encoding_format must be 'base64' or 'float', not {encoding_format!r}"
             )
+        if model is not None:
+            _check_model(model)
         if retry is None:
-            retry = RetryPolicy(max_retries=max_retries)
+            retry = RetryPolicy(max_retries=max_retries, connect_retries=connect_retries)
+        elif connect_retries is not None:
+            retry = attrs.evolve(retry, connect_retries=connect_retries)
         if limiter is not None and (rpm is not None or tpm is not None):
             raise ValueError("pass rpm/tpm or limiter=, not both (set them on the limiter)")
         # Each client paces itself unless given a limiter to share with other clients.
@@ -117,6 +155,7 @@ class AsyncClient:
         )
         self._api_key = resolve_api_key(api_key)
         self.base_url = resolve_base_url(base_url)
+        check_base_url(self.base_url, source=base_url_source(base_url))
         self.model = model
         self.timeout = float(timeout)
         self.retry = retry
@@ -126,6 +165,7 @@ class AsyncClient:
         self.encoding_format: EncodingFormat = encoding_format
         self.stats = ClientStats()
         self.embeddings = AsyncEmbeddings(self)
+        self.models = AsyncModels(self)
         self._transport: Transport = transport or AiohttpTransport(
             session, limit=max(100, self.concurrency)
         )
@@ -138,6 +178,7 @@ class AsyncClient:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         self._settings = CallSettings(
+            secrets=_secrets(self._api_key, headers),
             transport=self._transport,
             url=f"{self.base_url}/embeddings",
             headers=headers,
@@ -160,16 +201,27 @@ class AsyncClient:
         texts: str | Iterable[str],
         *,
         model: str | None = None,
+        dimensions: int | None = None,
+        user: str | None = None,
+        extra_headers: Mapping[str, str | None] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> np.ndarray:
         """Embed ``texts`` into a float32 array of shape (N, D), row i for ``texts[i]``.
 
         Rows are written into one preallocated array as batches arrive. ``embed([])`` returns
-        an empty (0, 0) array without a request.
+        an empty (0, 0) array without a request. ``dimensions``, ``user``, ``extra_*`` and
+        ``timeout`` (seconds for the whole call) as in ``embeddings.create``.
         """
+        started = time.monotonic()
         items = normalize_input(texts)
         model = self._model_for(model)
+        options = self._options(
+            started, timeout, dimensions, user, extra_headers, extra_query, extra_body
+        )
         sink = ArraySink(len(items))
-        await self._run(items, model, sink, None)
+        await self._run(items, model, sink, None, options)
         return sink.result()
 
     async def embed_stream(
@@ -228,10 +280,60 @@ class AsyncClient:
     # -- internals -------------------------------------------------------------------------
 
     def _model_for(self, model: str | None) -> str:
-        model = model or self.model
-        if not model or not isinstance(model, str):
-            raise ValueError("no model: pass model=... or AsyncClient(model=...)")
+        """The call's model, else the client's. ``""`` is an error, not "use the default"."""
+        if model is None:
+            model = self.model
+            if model is None:
+                raise InvalidModelError("no model: pass model=... or AsyncClient(model=...)")
+        _check_model(model)
         return model
+
+    @staticmethod
+    def _check_timeout(timeout: object) -> float:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        return float(timeout)
+
+    def _options(
+        self,
+        started: float,
+        timeout: float | None,
+        dimensions: int | None,
+        user: str | None,
+        extra_headers: Mapping[str, str | None] | None,
+        extra_query: Mapping[str, Any] | None,
+        extra_body: Mapping[str, Any] | None,
+    ) -> CallOptions | None:
+        """The call's options, or None when it passes none (nothing to do per call)."""
+        if (
+            timeout is None
+            and dimensions is None
+            and user is None
+            and not extra_headers
+            and not extra_query
+            and not extra_body
+        ):
+            return None
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+        ):
+            raise ValueError(f"dimensions must be a positive integer, got {dimensions!r}")
+        if user is not None and not isinstance(user, str):
+            raise ValueError(f"user must be a str, got {type(user).__name__}")
+        return CallOptions(
+            dimensions=dimensions,
+            user=user,
+            extra_headers=extra_headers,
+            extra_query=extra_query,
+            extra_body=extra_body,
+            timeout=None if timeout is None else self._check_timeout(timeout),
+            deadline=None if timeout is None else started + self._check_timeout(timeout),
+        )
 
     def _check_encoding(self, fmt: str | None) -> EncodingFormat | None:
         if fmt is not None and fmt not in _ENCODINGS:
@@ -245,18 +347,49 @@ class AsyncClient:
             )
 
     async def _run(
-        self, texts: Sequence[str], model: str, sink: Sink, fmt: EncodingFormat | None
+        self,
+        texts: Sequence[str],
+        model: str,
+        sink: Sink,
+        fmt: EncodingFormat | None,
+        options: CallOptions | None = None,
     ) -> None:
         if not texts:
             return
         self._check_api_key()
         await _check_inputs(texts)
-        await run_call(self._settings, texts, model, sink, prefer_float=fmt == "float")
+        await run_call(
+            self._settings, texts, model, sink, prefer_float=fmt == "float", options=options
+        )
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, str):
+        raise InvalidModelError(f"model must be a str, not {type(model).__name__}")
+    if not model.strip():
+        raise InvalidModelError(
+            'model is empty: pass a model name (model="" does not mean the client\'s default; '
+            "leave model out for that)"
+        )
+
+
+def _secrets(api_key: str | None, headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The values redacted from every server text: the key, and secret-looking headers."""
+    found = [api_key] if api_key else []
+    for name, value in headers.items():
+        if name.lower() in _SECRET_HEADERS and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            # "Bearer <key>" becomes "Bearer [REDACTED]": the scheme says what was hidden
+            found.append(token if token and scheme.lower() == "bearer" else value)
+    # longest first, so a secret containing another is replaced whole
+    unique = {v for v in found if len(v) >= _MIN_SECRET}
+    return tuple(sorted(unique, key=len, reverse=True))
 
 
 async def _check_inputs(texts: Sequence[object]) -> None:
-    """Refuse non-string inputs before anything is sent (and paid for), naming the first one;
-    in chunks, so a million inputs never stall the event loop."""
+    """Refuse inputs that cannot be sent (non-strings, lone surrogates) before anything is
+    sent (and paid for), naming the first one; in chunks, so a million inputs never stall the
+    event loop."""
     n = len(texts)
     for start in range(0, n, _CHECK_CHUNK):
         bad = find_invalid_input(texts, start, min(n, start + _CHECK_CHUNK))

@@ -15,7 +15,12 @@ import attrs
 import numpy as np
 import orjson
 
-from ._exceptions import APIResponseValidationError, APIStatusError, status_error_class
+from ._exceptions import (
+    APIResponseValidationError,
+    APIStatusError,
+    ModelNotAvailableError,
+    status_error_class,
+)
 from ._types import Embedding, Usage
 
 __all__ = [
@@ -24,19 +29,52 @@ __all__ = [
     "encode_request",
     "error_from_response",
     "parse_retry_after",
+    "redact",
+    "rejected_arguments",
     "request_id_of",
 ]
 
 _F32 = np.dtype("<f4")
+REDACTED = "[REDACTED]"
 
 
-def encode_request(model: str, texts: Sequence[str], encoding_format: str | None) -> bytes:
+def encode_request(
+    model: str,
+    texts: Sequence[str],
+    encoding_format: str | None,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
     """The JSON body of ``POST /embeddings``. ``encoding_format`` is omitted when None, because
-    servers older than ~2025-09 reject arguments they do not know."""
+    servers older than ~2025-09 reject arguments they do not know. ``extra``: more arguments
+    (``dimensions``, ``user``, a caller's ``extra_body``), which win over ours."""
     body: dict[str, Any] = {"model": model, "input": list(texts)}
     if encoding_format is not None:
         body["encoding_format"] = encoding_format
+    if extra:
+        body.update(extra)
     return orjson.dumps(body)
+
+
+def redact(value: Any, secrets: Sequence[str]) -> Any:
+    """``value`` with every secret (the API key) replaced by ``[REDACTED]``: strings, bytes, and
+    the strings inside dicts and lists, recursively. Servers sometimes quote the request's
+    Authorization header or the key back in an error; we keep and show no copy of it."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        for secret in secrets:
+            value = value.replace(secret.encode("utf-8", "surrogatepass"), REDACTED.encode())
+        return bytes(value)
+    if isinstance(value, dict):
+        return {redact(k, secrets): redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, secrets) for v in value]
+    return value
 
 
 def request_id_of(headers: Mapping[str, str]) -> str | None:
@@ -93,28 +131,67 @@ def _base64_dim(s: str) -> int:
     return nbytes // 4 if nbytes % 4 == 0 else -1
 
 
-def _invalid(message: str, body: bytes, request_id: str | None) -> APIResponseValidationError:
-    return APIResponseValidationError(message, body=body[:2000], request_id=request_id)
+class _Invalid:
+    """Builds the validation errors of one answer (its body kept, truncated and redacted)."""
+
+    __slots__ = ("body", "request_id", "secrets")
+
+    def __init__(self, body: bytes, request_id: str | None, secrets: Sequence[str]) -> None:
+        self.body = body
+        self.request_id = request_id
+        self.secrets = secrets
+
+    def __call__(self, message: str, **kwargs: Any) -> APIResponseValidationError:
+        return APIResponseValidationError(
+            redact(message, self.secrets),
+            body=redact(self.body[:2000], self.secrets),
+            request_id=self.request_id,
+            **kwargs,
+        )
+
+
+def _error_in_200(doc: dict[str, Any], invalid: _Invalid) -> APIResponseValidationError:
+    """A 200 whose JSON is ``{"error": ...}``: the server's own message, type and code."""
+    err = doc["error"]
+    message = err.get("message") if isinstance(err, dict) else err
+    if not isinstance(message, str) or not message:
+        message = orjson.dumps(err).decode()[:300]
+    error_type = err.get("type") if isinstance(err, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return invalid(
+        f"HTTP 200 with an error instead of embeddings: {message}",
+        error_type=error_type if isinstance(error_type, str) else None,
+        code=str(code) if code is not None else None,
+    )
 
 
 def decode_embeddings(
-    body: bytes, expected: int, *, dim: int | None = None, request_id: str | None = None
+    body: bytes,
+    expected: int,
+    *,
+    dim: int | None = None,
+    request_id: str | None = None,
+    secrets: Sequence[str] = (),
 ) -> DecodedBatch:
     """Parse and check an embeddings answer for ``expected`` inputs.
 
     Every index 0..expected-1 must appear exactly once (items may come in any order) and every
     row must have the same dimension (``dim`` when given: the one earlier batches had); anything
-    else is an ``APIResponseValidationError``.
+    else is an ``APIResponseValidationError`` (a 200 carrying ``{"error": ...}`` too, with the
+    server's message).
     """
+    _invalid = _Invalid(body, request_id, secrets)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _invalid(f"response is not valid JSON ({exc})", body, request_id) from exc
+        raise _invalid(f"response is not valid JSON ({exc})") from exc
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
-        raise _invalid("response has no 'data' list", body, request_id)
+        if isinstance(doc, dict) and doc.get("error"):
+            raise _error_in_200(doc, _invalid)
+        raise _invalid("response has no 'data' list")
     if len(data) != expected:
-        raise _invalid(f"expected {expected} embeddings, got {len(data)}", body, request_id)
+        raise _invalid(f"expected {expected} embeddings, got {len(data)}")
 
     rows: list[Any] = [None] * expected
     dim = -1 if dim is None else dim
@@ -124,22 +201,22 @@ def decode_embeddings(
             index = item["index"]
             emb = item["embedding"]
         except (TypeError, KeyError):
-            raise _invalid("an item lacks 'index' or 'embedding'", body, request_id) from None
+            raise _invalid("an item lacks 'index' or 'embedding'") from None
         if type(index) is not int or not 0 <= index < expected:
-            raise _invalid(f"index {index!r} out of range 0..{expected - 1}", body, request_id)
+            raise _invalid(f"index {index!r} out of range 0..{expected - 1}")
         if rows[index] is not None:
-            raise _invalid(f"index {index} appears twice", body, request_id)
+            raise _invalid(f"index {index} appears twice")
         if kind is None:
             kind = type(emb)
             if kind is not list and kind is not str:
-                raise _invalid("embedding is neither a list nor a string", body, request_id)
+                raise _invalid("embedding is neither a list nor a string")
         elif type(emb) is not kind:
-            raise _invalid("embeddings mix lists and base64 strings", body, request_id)
+            raise _invalid("embeddings mix lists and base64 strings")
         d = len(emb) if kind is list else _base64_dim(emb)
         if dim == -1:
             dim = d
         if d != dim or d <= 0:
-            raise _invalid(f"row {index} has dimension {d}, expected {dim}", body, request_id)
+            raise _invalid(f"row {index} has dimension {d}, expected {dim}")
         rows[index] = emb
     return DecodedBatch(
         rows=rows,
@@ -195,10 +272,35 @@ def _detail_message(detail: object) -> str | None:
     return "; ".join(parts) or None
 
 
+_NON_SERVERLESS = re.compile(r"non-serverless model", re.I)
+_MODEL_WORD = re.compile(r"\bmodel\b", re.I)
+_MODEL_CODES = ("model_not_available", "model_not_found")
+
+
+def is_model_not_available(status: int, message: str, code: str | None, param: str | None) -> bool:
+    """The model cannot be used here, for good: an unknown model (404 about the model),
+    Together's ``model_not_available`` code (400, 404 or 503) or its "Unable to access
+    non-serverless model" (400). Other 503s mean "no capacity now" and stay retried."""
+    if code in _MODEL_CODES or _NON_SERVERLESS.search(message):
+        return True
+    return status == 404 and (param == "model" or bool(_MODEL_WORD.search(message)))
+
+
 def error_from_response(
-    status: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float | None = None,
+    secrets: Sequence[str] = (),
+    about_model: bool = True,
 ) -> APIStatusError:
-    """The typed exception for a non-2xx answer, with the server's message and request id."""
+    """The typed exception for a non-2xx answer, with the server's message and request id.
+
+    Every text kept from the server (message, body) has the ``secrets`` (the API key) redacted
+    here, once, so no consumer (str, repr, logs, a job's failure list) can show them.
+    ``about_model=False`` for requests that name no model (``GET /models``): no
+    ``ModelNotAvailableError`` then."""
     parsed: Any = None
     message = error_type = param = code = None
     try:
@@ -218,17 +320,43 @@ def error_from_response(
             message = _detail_message(parsed.get("detail"))
     if not isinstance(message, str) or not message:
         message = _text_message(body) if body and parsed is None else ""
+    message = redact(message, secrets)
+    kept = parsed if parsed is not None else body[:2000].decode("utf-8", "replace")
+    code_str = str(code) if code is not None else None
+    param_str = param if isinstance(param, str) else None
+    text = f"HTTP {status}: {message}" if message else f"HTTP {status}"
     cls = status_error_class(status)
+    if about_model and is_model_not_available(status, message, code_str, param_str):
+        cls = ModelNotAvailableError
     return cls(
-        f"HTTP {status}: {message}" if message else f"HTTP {status}",
+        text,
         status_code=status,
-        body=parsed if parsed is not None else body[:2000].decode("utf-8", "replace"),
+        body=redact(kept, secrets),
         request_id=request_id_of(headers),
-        error_type=error_type if isinstance(error_type, str) else None,
-        param=param if isinstance(param, str) else None,
-        code=str(code) if code is not None else None,
+        error_type=redact(error_type, secrets) if isinstance(error_type, str) else None,
+        param=redact(param_str, secrets),
+        code=redact(code_str, secrets),
         retry_after=parse_retry_after(headers, now=now, include_reset=status == 429),
     )
+
+
+# Together/OpenAI: "Unrecognized request argument(s) supplied: dimensions, user";
+# Hugging Face TEI (serde): "unknown field `user`".
+_UNRECOGNIZED = re.compile(r"unrecognized request arguments?(?: supplied)?:?(.*)", re.I | re.S)
+_UNKNOWN_FIELD = re.compile(r"unknown field [`'\"]?(\w+)", re.I)
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def rejected_arguments(message: str) -> frozenset[str] | None:
+    """The request arguments a 400/422 says the server does not know: None if the message is
+    not about unknown arguments, an empty set if it is but names none."""
+    m = _UNKNOWN_FIELD.findall(message)
+    if m:
+        return frozenset(m)
+    found = _UNRECOGNIZED.search(message)
+    if found is None:
+        return None
+    return frozenset(_NAME.findall(found.group(1)))
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -9,15 +9,22 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import attrs
 import numpy as np
 
 from ._batching import Batch, plan_batches, split_batch
 from ._config import EncodingFormat, RetryPolicy
-from ._exceptions import APIStatusError
+from ._exceptions import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    DimensionsNotSupportedError,
+    ModelNotAvailableError,
+)
 from ._limits_from_errors import (
     MAX_INPUT_CHARS,
     MAX_INPUT_TOKENS,
@@ -32,6 +39,7 @@ from ._protocol import (
     decode_embeddings,
     encode_request,
     error_from_response,
+    rejected_arguments,
     request_id_of,
 )
 from ._ratelimit import Feedback, Limiter
@@ -39,12 +47,22 @@ from ._retry import call_with_retries
 from ._transport import Transport
 from ._types import Embedding, EmbeddingResponse, Usage
 
-__all__ = ["ArraySink", "CallSettings", "ClientStats", "ListSink", "run_call"]
+__all__ = [
+    "Abort",
+    "ArraySink",
+    "CallOptions",
+    "CallSettings",
+    "ClientStats",
+    "ListSink",
+    "run_call",
+]
 
 logger = logging.getLogger("togembed")
 
 _REQUEST_LEVEL = re.compile(
-    r"model|unrecognized request argument|encoding_format|api key|authoriz", re.I
+    r"model|unrecognized request argument|unknown field|encoding_format|dimensions|matryoshka|"
+    r"api key|authoriz",
+    re.I,
 )
 _TOO_MANY = re.compile(
     r"too many inputs|batch size|maximum (?:number of )?inputs|payload too large|"
@@ -52,7 +70,10 @@ _TOO_MANY = re.compile(
     re.I,
 )
 _INPUT_HINT = re.compile(r"input|token|too long|length|context", re.I)
-_ENCODING_REJECTED = re.compile(r"encoding_format|unrecognized request argument", re.I)
+# Servers that take no ``dimensions`` say so in many ways: Together "Unrecognized request
+# arguments supplied: dimensions", vLLM "dimensions is currently not supported" or "does not
+# support matryoshka representation", OpenAI "does not support specifying dimensions".
+_DIMENSIONS_REFUSED = re.compile(r"dimensions|matryoshka", re.I)
 
 
 @attrs.define
@@ -94,6 +115,42 @@ class CallSettings:
     stats: ClientStats
     limiter: Limiter
     cpu_gate: TurnGate = attrs.field(factory=lambda: TurnGate())
+    # Redacted from every server text we keep (the API key).
+    secrets: tuple[str, ...] = ()
+    # Learned: the server refused ``user`` (sent no more), or ``dimensions`` for a model
+    # (model -> the server's message, resent without it and the size checked).
+    send_user: bool = True
+    no_dimensions: dict[str, str] = attrs.field(factory=dict)
+    warned_connection: bool = False
+
+
+@attrs.frozen
+class CallOptions:
+    """Per-call arguments of ``create``/``embed`` (the peers' ``dimensions``, ``user``,
+    ``extra_*`` and ``timeout``); None for a call that passes none (the common case, so no
+    per-call work at all). ``deadline`` is ``time.monotonic()`` seconds."""
+
+    dimensions: int | None = None
+    user: str | None = None
+    extra_headers: Mapping[str, str | None] | None = None
+    extra_query: Mapping[str, Any] | None = None
+    extra_body: Mapping[str, Any] | None = None
+    timeout: float | None = None
+    deadline: float | None = None
+
+
+class Abort:
+    """Shared by the batches of one call (or one stream): the first error that ends it. Set
+    before the failing sender yields, so no other sender starts a request after it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+
+class CallAborted(Exception):
+    """A sender stopped because another batch of its call failed for good (``Abort.error``)."""
 
 
 class TurnGate:
@@ -187,7 +244,9 @@ class ListSink:
 
 
 def _is_request_level(exc: APIStatusError) -> bool:
-    return exc.param in ("model", "encoding_format") or bool(_REQUEST_LEVEL.search(exc.message))
+    return exc.param in ("model", "encoding_format", "dimensions", "user") or bool(
+        _REQUEST_LEVEL.search(exc.message)
+    )
 
 
 _SIZE_STATUSES = (400, 403, 413, 422)
@@ -236,6 +295,8 @@ class _Call:
         sink: Sink,
         prefer_float: bool,
         on_input_error: Callable[[int, APIStatusError], None] | None = None,
+        options: CallOptions | None = None,
+        abort: Abort | None = None,
     ) -> None:
         self.s = settings
         self.texts = texts
@@ -245,7 +306,19 @@ class _Call:
         # Given, an input the server rejects for good is reported here instead of raised, and
         # the rest of its batch goes on (a stream collecting errors); ``embed`` raises.
         self.on_input_error = on_input_error
+        self.options = options
+        self.abort = abort if abort is not None else Abort()
         self.dim: int | None = None
+        self.url = settings.url
+        self.headers = settings.headers
+        self.deadline = options.deadline if options is not None else None
+        if options is not None:
+            if options.extra_query:
+                sep = "&" if "?" in self.url else "?"
+                self.url = f"{self.url}{sep}{urlencode(options.extra_query, doseq=True)}"
+            if options.extra_headers:
+                headers = {**settings.headers, **options.extra_headers}
+                self.headers = {k: v for k, v in headers.items() if v is not None}
 
     @property
     def encoding_format(self) -> EncodingFormat | None:
@@ -254,35 +327,86 @@ class _Call:
         fmt = self.s.encoding_format
         return "float" if fmt is not None and self.prefer_float else fmt
 
-    async def send(self, batch: Batch) -> DecodedBatch:
+    def _extra(self) -> dict[str, Any] | None:
+        """Optional body arguments, as the server is currently known to accept them."""
+        o = self.options
+        if o is None:
+            return None
+        extra: dict[str, Any] = {}
+        if o.dimensions is not None and self.model not in self.s.no_dimensions:
+            extra["dimensions"] = o.dimensions
+        if o.user is not None and self.s.send_user:
+            extra["user"] = o.user
+        if o.extra_body:
+            extra.update(o.extra_body)
+        return extra or None
+
+    def _timed_out(self) -> APITimeoutError:
+        timeout = self.options.timeout if self.options is not None else None
+        return APITimeoutError(f"the call did not finish within its timeout of {timeout:g} s")
+
+    async def _acquire(self, tokens: int) -> Any:
+        """A limiter ticket, waiting no longer than the call's deadline (never sent after it)."""
+        if self.deadline is None:
+            return await self.s.limiter.acquire(tokens)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self._timed_out()
+        try:
+            return await asyncio.wait_for(self.s.limiter.acquire(tokens), left)
+        except TimeoutError:
+            raise self._timed_out() from None
+
+    async def send(
+        self, batch: Batch, fmt: EncodingFormat | None, extra: dict[str, Any] | None
+    ) -> DecodedBatch:
         s = self.s
-        body = encode_request(
-            self.model, self.texts[batch.start : batch.stop], self.encoding_format
-        )
+        abort = self.abort
+        body = encode_request(self.model, self.texts[batch.start : batch.stop], fmt, extra)
 
         async def attempt() -> DecodedBatch:
-            ticket = await s.limiter.acquire(batch.tokens)
-            if self._too_big(batch):  # the limiter learned a smaller budget while we waited
+            if abort.error is not None:
+                raise CallAborted
+            ticket = await self._acquire(batch.tokens)
+            timeout = s.timeout
+            if self.deadline is not None:
+                timeout = min(timeout, self.deadline - time.monotonic())
+            if abort.error is not None or self._too_big(batch) or timeout <= 0:
                 s.limiter.release(ticket, Feedback(status=None, sent=False))
-                raise _Resize
+                if abort.error is not None:
+                    raise CallAborted
+                if timeout <= 0:
+                    raise self._timed_out()
+                raise _Resize  # the limiter learned a smaller budget while we waited
             feedback = Feedback(status=None)
             s.stats.requests += 1
             s.stats.in_flight += 1
             try:
-                logger.debug("POST %s inputs [%d:%d]", s.url, batch.start, batch.stop)
-                resp = await s.transport.post(s.url, body, s.headers, s.timeout)
+                logger.debug("POST %s inputs [%d:%d]", self.url, batch.start, batch.stop)
+                resp = await s.transport.post(self.url, body, self.headers, timeout)
                 feedback = Feedback(status=resp.status, headers=resp.headers)
                 if not 200 <= resp.status < 300:
                     if resp.status == 429:
                         s.stats.rate_limited += 1
                     elif resp.status >= 500:
                         s.stats.server_errors += 1
-                    exc = error_from_response(resp.status, resp.headers, resp.body)
-                    feedback = attrs.evolve(feedback, retry_after=exc.retry_after)
+                    exc = error_from_response(
+                        resp.status, resp.headers, resp.body, secrets=s.secrets
+                    )
+                    if isinstance(exc, ModelNotAvailableError) and abort.error is None:
+                        abort.error = exc  # before the limiter wakes anyone up
+                    hint = exc.retry_after
+                    if hint is not None:  # the user's cap bounds every pause, the limiter's too
+                        hint = min(hint, s.retry.max_retry_after)
+                    feedback = attrs.evolve(feedback, retry_after=hint)
                     raise exc
                 async with s.cpu_gate:
                     decoded = decode_embeddings(
-                        resp.body, batch.size, dim=self.dim, request_id=request_id_of(resp.headers)
+                        resp.body,
+                        batch.size,
+                        dim=self.dim,
+                        request_id=request_id_of(resp.headers),
+                        secrets=s.secrets,
                     )
                 if decoded.usage is not None:
                     s.stats.tokens += decoded.usage.prompt_tokens
@@ -295,9 +419,24 @@ class _Call:
 
         def on_retry(exc: BaseException, wait: float) -> None:
             s.stats.retries += 1
+            if isinstance(exc, APIConnectionError) and not s.warned_connection:
+                s.warned_connection = True  # once per client: a server that is down says so
+                logger.warning(
+                    "cannot reach %s (%s); retrying, up to %d times (no more warnings; "
+                    "RetryPolicy(connect_retries=0) fails at once instead)",
+                    s.url,
+                    exc,
+                    s.retry.max_connect_retries
+                    if getattr(exc, "connect_failed", False)
+                    else s.retry.max_retries,
+                )
 
         return await call_with_retries(
-            attempt, s.retry, describe=f"inputs [{batch.start}:{batch.stop}]", on_retry=on_retry
+            attempt,
+            s.retry,
+            describe=f"inputs [{batch.start}:{batch.stop}]",
+            on_retry=on_retry,
+            deadline=self.deadline,
         )
 
     def _too_big(self, batch: Batch) -> bool:
@@ -314,7 +453,21 @@ class _Call:
         return self.s.max_tokens if cap is None else min(cap, self.s.max_tokens)
 
     async def process(self, batch: Batch) -> None:
+        """Embed one batch into the sink. An error escaping here ends the whole call: it is
+        recorded in ``abort`` first, so the call's other senders stop at once."""
+        try:
+            await self._process(batch)
+        except CallAborted:
+            raise
+        except Exception as exc:
+            if self.abort.error is None:
+                self.abort.error = exc
+            raise
+
+    async def _process(self, batch: Batch) -> None:
         s = self.s
+        if self.abort.error is not None:
+            raise CallAborted
         if self._too_big(batch):
             for part in plan_batches(
                 self.texts,
@@ -323,40 +476,101 @@ class _Call:
                 start=batch.start,
                 stop=batch.stop,
             ):
-                await self.process(part)
+                await self._process(part)
             return
         sent_format = self.encoding_format
+        extra = self._extra()
         try:
-            decoded = await self.send(batch)
+            decoded = await self.send(batch, sent_format, extra)
         except _Resize:
-            await self.process(batch)
+            await self._process(batch)
             return
         except APIStatusError as exc:
-            await self._recover(batch, exc, sent_format)
+            await self._recover(batch, exc, sent_format, extra)
             return
+        asked = self.options.dimensions if self.options is not None else None
+        if asked is not None and decoded.dim != asked:
+            raise self._dimensions_error(asked, decoded.dim)
         s.stats.inputs += batch.size
         s.stats.estimated_tokens += batch.tokens
         async with s.cpu_gate:
             self.sink.write(batch, decoded)
 
+    def _dimensions_error(self, asked: int, got: int) -> DimensionsNotSupportedError:
+        refusal = self.s.no_dimensions.get(self.model)
+        if refusal is not None:
+            message = (
+                f"this server does not support dimensions={asked} for model {self.model!r}; "
+                f"the model returns {got} (the server said: {refusal})"
+            )
+        else:
+            message = (
+                f"dimensions={asked} was asked, but the server answered vectors of {got} "
+                f"dimensions for model {self.model!r}: it ignores the argument"
+            )
+        return DimensionsNotSupportedError(message, dimensions=asked, model_dimensions=got)
+
+    def _drop_refused_arguments(
+        self, exc: APIStatusError, sent_format: EncodingFormat | None, extra: dict[str, Any] | None
+    ) -> bool:
+        """If a 400/422 refuses optional arguments this request sent (``encoding_format``,
+        ``user``, ``dimensions``), stop sending them and say True (resend). Judged by what this
+        request sent, not by the current setting: concurrent senders that sent an argument
+        before the first refusal came back must resend too."""
+        if exc.status_code not in (400, 422):
+            return False
+        s = self.s
+        named = rejected_arguments(exc.message)
+        # "unrecognized request arguments" naming none: drop all we sent. Names given: only
+        # those (an ``extra_body`` key of the caller's is the caller's to fix).
+        drop_all = named is not None and not named
+        resend = False
+        if sent_format is not None and (
+            drop_all
+            or "encoding_format" in exc.message.lower()
+            or (named and "encoding_format" in named)
+        ):
+            if s.encoding_format is not None:
+                logger.warning("server rejects encoding_format; asking for float JSON from now on")
+                s.encoding_format = None
+            resend = True
+        if extra and "user" in extra and (drop_all or (named and "user" in named)):
+            if s.send_user:
+                logger.warning("server rejects the 'user' argument; not sending it from now on")
+                s.send_user = False
+            resend = True
+        if (
+            extra
+            and "dimensions" in extra
+            and (
+                drop_all
+                or (named and "dimensions" in named)
+                or exc.param == "dimensions"
+                or (named is None and _DIMENSIONS_REFUSED.search(exc.message))
+            )
+        ):
+            # Resent without it; the answer's size is then checked against what was asked.
+            s.no_dimensions.setdefault(self.model, exc.message)
+            resend = True
+        return resend
+
     async def _recover(
-        self, batch: Batch, exc: APIStatusError, sent_format: EncodingFormat | None
+        self,
+        batch: Batch,
+        exc: APIStatusError,
+        sent_format: EncodingFormat | None,
+        extra: dict[str, Any] | None,
     ) -> None:
         """Split, bisect or fall back where that can turn a rejection into success; else raise
         the error, pinned to the input when it is one input's fault (or report that input to
         ``on_input_error``)."""
         s = self.s
-        # Judge by what this request sent, not by the current setting: concurrent senders
-        # that asked for it before the first refusal came back must fall back too.
-        if (
-            exc.status_code == 400
-            and sent_format is not None
-            and _ENCODING_REJECTED.search(exc.message)
-        ):
-            if s.encoding_format is not None:
-                logger.warning("server rejects encoding_format; asking for float JSON from now on")
-                s.encoding_format = None
-            await self.process(batch)
+        if isinstance(exc, ModelNotAvailableError):
+            raise exc  # the model, not the batch: no bisection, nothing else sent
+        if self._drop_refused_arguments(exc, sent_format, extra) and (
+            self.encoding_format != sent_format or self._extra() != extra
+        ):  # resent only if it now differs (an ``extra_body`` may carry the same argument)
+            await self._process(batch)
             return
         if batch.size > 1 and _rejects_input(exc):
             stated = _stated_limit(exc)
@@ -364,7 +578,7 @@ class _Call:
                 # The server said how big a request may be: re-plan at that size at once
                 # (``process`` cuts what no longer fits), no halving.
                 s.stats.batches_split += 1
-                await self.process(batch)
+                await self._process(batch)
                 return
             if _too_many_inputs(exc) and batch.size <= s.max_items:  # no usable number: halve
                 s.max_items = max(1, batch.size // 2)
@@ -373,7 +587,7 @@ class _Call:
                 )
             s.stats.batches_split += 1
             for half in split_batch(self.texts, batch):
-                await self.process(half)
+                await self._process(half)
             return
         if batch.size == 1 and _rejects_input(exc):
             exc.input_index = batch.start
@@ -460,9 +674,10 @@ async def run_call(
     sink: Sink,
     *,
     prefer_float: bool = False,
+    options: CallOptions | None = None,
 ) -> None:
     """Embed all ``texts`` into ``sink``."""
-    call = _Call(settings, texts, model, sink, prefer_float)
+    call = _Call(settings, texts, model, sink, prefer_float, options=options)
     batches = plan_batches(texts, max_items=settings.max_items, max_tokens=settings.max_tokens)
     first = next(batches, None)
     second = next(batches, None)
@@ -472,4 +687,10 @@ async def run_call(
         await call.process(first)
         return
     workers = min(settings.concurrency, max(2, -(-len(texts) // settings.max_items)))
-    await _run_pool(itertools.chain((first, second), batches), call.process, workers)
+    try:
+        await _run_pool(itertools.chain((first, second), batches), call.process, workers)
+    except CallAborted:  # a sender noticed before the failing one's error surfaced
+        error = call.abort.error
+        if error is None:
+            raise
+        raise error from None

@@ -20,10 +20,15 @@ from typing import cast, overload
 import attrs
 import numpy as np
 
-from ._batching import Batch, describe_invalid, estimate_tokens
-from ._exceptions import APIError, APIResponseValidationError, APIStatusError, InvalidInputError
+from ._batching import Batch, describe_invalid, estimate_tokens, is_sendable
+from ._exceptions import (
+    APIResponseValidationError,
+    APIStatusError,
+    InvalidInputError,
+    TogembedError,
+)
 from ._protocol import DecodedBatch
-from ._runner import CallSettings, _Call
+from ._runner import Abort, CallAborted, CallSettings, _Call
 
 __all__ = ["EmbeddingChunk", "EmbeddingStream", "TextBlocks"]
 
@@ -34,11 +39,12 @@ _END = object()
 class EmbeddingChunk:
     """Consecutive rows of a stream: ``vectors[i]`` (float32) is the vector of input
     ``start + i``. With ``errors="collect"``, rows of inputs the server rejected are NaN and
-    ``errors`` maps their stream positions to the error."""
+    ``errors`` maps their stream positions to the error (an ``APIError``, or an
+    ``InvalidInputError`` for a text that cannot be sent, e.g. with a lone surrogate)."""
 
     start: int
     vectors: np.ndarray
-    errors: Mapping[int, APIError] = attrs.field(factory=dict)
+    errors: Mapping[int, TogembedError] = attrs.field(factory=dict)
 
     @property
     def stop(self) -> int:
@@ -76,7 +82,7 @@ class _Piece:
         self.start = start
         self.size = size
         self.rows: np.ndarray | None = None
-        self.errors: dict[int, APIError] = {}
+        self.errors: dict[int, TogembedError] = {}
         self.done = False
 
     def write(self, batch: Batch, decoded: DecodedBatch) -> None:
@@ -176,13 +182,14 @@ class EmbeddingStream:
         self.model = model
         self.window = window
         self.collect = collect
-        self.before_send = before_send
+        self.before_send: Callable[[], None] | None = before_send
         self.admit = texts.admit if isinstance(texts, TextBlocks) else None
         self.pieces: deque[_Piece] = deque()  # sent, not yet yielded, in input order
         self.running: set[asyncio.Task[None]] = set()
         self.held = 0  # texts pulled and not yet yielded
         self.dim: int | None = None
         self.error: BaseException | None = None  # the first batch that failed for good
+        self.abort = Abort()  # shared by all batches: once one fails, none is sent after it
         self.wakeup = asyncio.Event()  # for the consumer: a batch was sent or ended, or the pump
         self.room = asyncio.Event()  # for the pump: a chunk was yielded
         self.slots = asyncio.Semaphore(settings.concurrency)
@@ -253,11 +260,15 @@ class EmbeddingStream:
                 await self._flush()
                 return
             for item in cast("Sequence[object]", items):
-                if not isinstance(item, str):
+                if not isinstance(item, str) or not is_sendable(item):
                     position = self._start + len(self._texts)
-                    raise InvalidInputError(
+                    error = InvalidInputError(
                         f"input {position}: {describe_invalid(item)}", index=position
                     )
+                    if not self.collect or not isinstance(item, str):
+                        raise error
+                    await self._reject_alone(error)  # a text's own fault: it fails alone
+                    continue
                 self.held += 1
                 tokens = estimate_tokens(item)
                 if self._texts and self._tokens + tokens > self.s.max_tokens:
@@ -267,12 +278,26 @@ class EmbeddingStream:
                 if len(self._texts) >= self.s.max_items:
                     await self._flush()
 
+    async def _reject_alone(self, error: InvalidInputError) -> None:
+        """Collect mode: the text at ``error.index`` is never sent. The batch being cut is
+        sent without it, and the text becomes a one-row piece of its own, already done."""
+        await self._flush()
+        position = self._start
+        piece = _Piece(self, position, 1)
+        piece.errors[position] = error
+        piece.done = True
+        self._start += 1
+        self.held += 1
+        self.pieces.append(piece)
+        self.wakeup.set()
+
     async def _flush(self) -> None:
         """Send the batch being cut, if any, as soon as a sender is free."""
         if not self._texts:
             return
-        if self._start == 0:
+        if self.before_send is not None:  # once, at the first request
             self.before_send()
+            self.before_send = None
         texts = self._texts
         batch = Batch(self._start, self._start + len(texts), self._tokens)
         self._start, self._texts, self._tokens = batch.stop, [], 0
@@ -288,6 +313,7 @@ class EmbeddingStream:
             piece,
             prefer_float=False,
             on_input_error=on_input_error,
+            abort=self.abort,
         )
         call.dim = self.dim
         task = asyncio.ensure_future(self._send(call, batch, piece))
@@ -307,5 +333,7 @@ class EmbeddingStream:
     def _sent(self, task: asyncio.Task[None]) -> None:
         self.running.discard(task)
         if not task.cancelled() and task.exception() is not None and self.error is None:
-            self.error = task.exception()
+            error = task.exception()
+            # a batch that stopped because another failed: that one's error is the stream's
+            self.error = self.abort.error if isinstance(error, CallAborted) else error
         self.wakeup.set()

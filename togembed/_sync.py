@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
+import weakref
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -14,10 +15,14 @@ import numpy as np
 
 from ._client import AsyncClient
 from ._config import EncodingFormat
+from ._models import ModelList
 from ._stream import EmbeddingChunk
 from ._types import EmbeddingResponse
 
-__all__ = ["Client", "Embeddings"]
+__all__ = ["Client", "Embeddings", "Models"]
+
+# At interpreter exit or garbage collection, how long closing an abandoned client may take.
+_CLOSE_TIMEOUT = 5.0
 
 T = TypeVar("T")
 
@@ -48,6 +53,23 @@ class _LoopThread:
         self.loop.close()
 
 
+def _shutdown(portal: _LoopThread, client: AsyncClient) -> None:
+    """Close a ``Client`` nobody closed, quietly: at interpreter exit (the loop thread is a
+    daemon and still runs then) or when it is garbage collected. Holds no reference to the
+    ``Client`` itself, only to what it owns."""
+    loop = portal.loop
+    if loop.is_closed():
+        return
+    if threading.current_thread() is portal._thread:  # collected on the loop thread itself
+        task = loop.create_task(client.close())
+        task.add_done_callback(lambda _: loop.stop())
+        return
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(client.close(), loop).result(_CLOSE_TIMEOUT)
+    with contextlib.suppress(Exception):
+        portal.stop()
+
+
 class Embeddings:
     """``client.embeddings`` of the sync client."""
 
@@ -60,21 +82,52 @@ class Embeddings:
         input: str | Sequence[str],
         model: str | None = None,
         encoding_format: EncodingFormat | None = None,
+        dimensions: int | None = None,
+        user: str | None = None,
+        extra_headers: Mapping[str, str | None] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> EmbeddingResponse:
         """Same as ``AsyncClient.embeddings.create``, blocking."""
         c = self._client
         return c._portal.run(
-            c._async.embeddings.create(input=input, model=model, encoding_format=encoding_format)
+            c._async.embeddings.create(
+                input=input,
+                model=model,
+                encoding_format=encoding_format,
+                dimensions=dimensions,
+                user=user,
+                extra_headers=extra_headers,
+                extra_query=extra_query,
+                extra_body=extra_body,
+                timeout=timeout,
+            )
         )
 
 
+class Models:
+    """``client.models`` of the sync client."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def list(self, *, all: bool = False, timeout: float | None = None) -> ModelList:
+        """Same as ``AsyncClient.models.list``, blocking."""
+        c = self._client
+        return c._portal.run(c._async.models.list(all=all, timeout=timeout))
+
+
 class Client:
-    """Blocking client with the same arguments and methods as ``AsyncClient``."""
+    """Blocking client with the same arguments and methods as ``AsyncClient``. One that is
+    never closed is closed quietly when it is garbage collected or at interpreter exit."""
 
     def __init__(self, **kwargs: Any) -> None:
         self._async = AsyncClient(**kwargs)
         self._portal = _LoopThread()
+        self._finalizer = weakref.finalize(self, _shutdown, self._portal, self._async)
         self.embeddings = Embeddings(self)
+        self.models = Models(self)
 
     @property
     def stats(self) -> Any:
@@ -83,9 +136,31 @@ class Client:
     def __repr__(self) -> str:
         return repr(self._async).replace("AsyncClient", "Client")
 
-    def embed(self, texts: str | Iterable[str], *, model: str | None = None) -> np.ndarray:
+    def embed(
+        self,
+        texts: str | Iterable[str],
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        user: str | None = None,
+        extra_headers: Mapping[str, str | None] | None = None,
+        extra_query: Mapping[str, Any] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """Same as ``AsyncClient.embed``, blocking."""
-        return self._portal.run(self._async.embed(texts, model=model))
+        return self._portal.run(
+            self._async.embed(
+                texts,
+                model=model,
+                dimensions=dimensions,
+                user=user,
+                extra_headers=extra_headers,
+                extra_query=extra_query,
+                extra_body=extra_body,
+                timeout=timeout,
+            )
+        )
 
     def embed_stream(
         self,
@@ -113,6 +188,7 @@ class Client:
 
     def close(self) -> None:
         """Close the HTTP session and stop the loop thread. Safe to call twice."""
+        self._finalizer.detach()
         if self._portal.loop.is_closed():
             return
         try:

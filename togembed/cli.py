@@ -528,6 +528,77 @@ def serve_command(
         sys.exit(EXIT_USAGE)
 
 
+# -- togembed models ---------------------------------------------------------------------------
+
+
+@cli.command("models")
+@click.option(
+    "--base-url", default=None, help="API root [default: $TOGETHER_BASE_URL or Together]."
+)
+@click.option("--all", "show_all", is_flag=True, help="Every model, not only embedding models.")
+def models_command(base_url: str | None, show_all: bool) -> None:
+    """List the embedding models your key can use (GET BASE_URL/models).
+
+    \b
+    Examples:
+      togembed models
+      togembed models --base-url https://api-inference.together.ai/v1
+      togembed models --base-url http://127.0.0.1:8000/v1 --all
+    """
+    from ._config import base_url_source, check_base_url
+    from ._exceptions import InvalidBaseURLError
+
+    url = resolve_base_url(base_url)
+    try:
+        check_base_url(url, source=base_url_source(base_url))
+    except InvalidBaseURLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if resolve_api_key(None) is None and not is_loopback_url(url):
+        click.echo(
+            f"error: no API key for {url}: set TOGETHER_API_KEY (or pass --base-url of a "
+            "server here, e.g. togembed serve).",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    sys.exit(asyncio.run(_list_models(url, show_all)))
+
+
+async def _list_models(url: str, show_all: bool) -> int:
+    try:
+        async with AsyncClient(base_url=url) as client:
+            models = await client.models.list(all=show_all)
+    except APIError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_API_ERROR
+    what = "models" if show_all or not models.types_known else "embedding models"
+    if not models.types_known:
+        what += " (the server does not say which embed: all are listed)"
+    click.echo(f"{len(models)} {what} at {url}")
+    if models:
+        width = min(60, max(len(m.id) for m in models))
+        for m in models:
+            extras = [m.type or "type unknown"]
+            if m.context_length:
+                extras.append(f"context {m.context_length}")
+            click.echo(f"  {m.id:<{width}}  {', '.join(extras)}")
+    elif models.types_known and not show_all and _is_together(url):
+        click.echo(
+            "Together withdrew its serverless embedding models in 2026: use a dedicated "
+            "endpoint (--base-url https://api-inference.together.ai/v1, the model being the "
+            "endpoint's name), another OpenAI-compatible provider, or --local. "
+            "--all lists every model.",
+        )
+    return EXIT_OK
+
+
+def _is_together(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    return host.endswith(("together.xyz", "together.ai"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``togembed`` command."""
     cli.main(args=argv, prog_name="togembed")
