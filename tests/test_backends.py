@@ -518,9 +518,11 @@ async def test_stream_collects_too_long_inputs_with_the_limit(make_backend: Make
 async def test_withdrawn_serverless_model_fails_with_one_request(make_backend: MakeBackend) -> None:
     backend = await make_backend(together_withdrawn)
     async with client_for(backend, model="BAAI/bge-base-en-v1.5", concurrency=1) as client:
-        with pytest.raises(togembed.BadRequestError) as info:
+        with pytest.raises(togembed.ModelNotAvailableError) as info:
             await client.embed(texts(1000))
     assert len(backend.log) == 1  # neither retried nor bisected
+    assert isinstance(info.value, togembed.NotFoundError)
+    assert info.value.status_code == 400
     assert info.value.code == "model_not_available"
     assert info.value.input_index is None
     assert "dedicated endpoint" in info.value.message
