@@ -611,6 +611,8 @@ def test_deadline_zero_sends_nothing_and_a_long_deadline_finishes(
     first = invoke(*args, "--deadline", "0s")
     assert first.exit_code == 4, first.stderr
     assert server.inputs() == 0
+    assert "run the same command again to continue (nothing was saved yet)" in first.stderr
+    assert not job_path(out).exists()
     second = invoke(*args, "--deadline", "1h30m")
     assert second.exit_code == 0, second.stderr
     assert_rows(out, txt_ids(len(texts)), texts)

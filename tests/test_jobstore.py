@@ -451,13 +451,14 @@ def test_failures_without_a_text_hash_are_retried_after_a_change(path: Path) -> 
         assert s.counts() == JobCounts(done=1, failed=0, ids=0)  # line numbers: no ids kept
 
 
-def test_reconcile_with_a_duplicate_id_changes_nothing(path: Path) -> None:
+@pytest.mark.parametrize("block", [3, 4], ids=["across-blocks", "within-a-block"])
+def test_reconcile_with_a_duplicate_id_changes_nothing(path: Path, block: int) -> None:
     old_job(path)
     changed = {**META, "mtime": 2.0}
     with JobStore.open(path, meta=changed, changeable=("mtime",)) as s:
         ids = ["id0", "id1", "x", "id0"]
         with pytest.raises(DuplicateIdError, match=r"id 'id0' appears twice.*records 1 and 4"):
-            s.reconcile(hashed(ids, ["text 0", "text 1", "y", "z"], 3), keep_ids=True)
+            s.reconcile(hashed(ids, ["text 0", "text 1", "y", "z"], block), keep_ids=True)
         assert s.changed  # still to do
         assert s.counts() == JobCounts(done=5, failed=1, ids=6)
         assert s.ids_total == 6

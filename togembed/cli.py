@@ -313,7 +313,9 @@ async def _embed(
                 result = await run_job(client, opts, stop=stop, on_progress=display.update)
             except asyncio.CancelledError:
                 display.close()
-                click.echo(f"interrupted; progress saved in {job_path(opts.output)}", err=True)
+                saved = job_path(opts.output)
+                where = f"progress saved in {saved}" if saved.exists() else "nothing was saved"
+                click.echo(f"interrupted; {where}", err=True)
                 return EXIT_INTERRUPTED
             display.close()
             code = _summary(result, display, opts)
@@ -425,9 +427,11 @@ def _summary(result: JobResult, display: _Display, opts: JobOptions) -> int:
         "interrupted": EXIT_INTERRUPTED,
     }[result.status]
     if result.status in ("budget", "interrupted"):
+        saved = job_path(opts.output)
+        where = f"progress: {saved}" if saved.exists() else "nothing was saved yet"
         lines.append(
             f"stopped ({'budget reached' if result.status == 'budget' else 'interrupted'}); "
-            f"run the same command again to continue (progress: {job_path(opts.output)})"
+            f"run the same command again to continue ({where})"
         )
     click.echo("\n".join(lines), err=True)
     return code
