@@ -131,6 +131,13 @@ def test_without_its_job_file_an_npy_or_jsonl_output_needs_model(
     )
     assert full.exit_code == 0, full.stderr
     assert hits(full.stdout)[repr(texts[3])][0] == ("1.000", "d3", texts[3])
+    # --no-id-field: the input's ids are its line numbers, none of the output's: no texts.
+    numbered = togembed(
+        "search", out, texts[3], "--base-url", server.base_url, "-m", MADE, "--input", src,
+        "--no-id-field",
+    )  # fmt: skip
+    assert numbered.exit_code == 0, numbered.stderr
+    assert hits(numbered.stdout)[repr(texts[3])][0] == ("1.000", "d3", "")
 
 
 def test_model_overrides_what_the_output_says(tmp_path: Path, server: FakeTogetherServer) -> None:
@@ -192,6 +199,8 @@ def test_usage_errors(tmp_path: Path, server: FakeTogetherServer) -> None:
     assert remote.exit_code == 2 and "no API key" in remote.stderr
     both = togembed("search", out, "q", "--local", "--base-url", server.base_url)
     assert both.exit_code == 2 and "leave out --base-url" in both.stderr
+    ids = togembed("search", out, "q", "--id-field", "id", "--no-id-field")
+    assert ids.exit_code == 2 and "exclude each other" in ids.stderr
     bare = togembed("search")
     assert "Examples:" in bare.output
 

@@ -566,6 +566,7 @@ no API key, a model other than the output's).
     help="Input file with the texts [default: the one OUTPUT was made from].",
 )
 @click.option("--id-field", default=None, help="Id column/key of --input [default: as made].")
+@click.option("--no-id-field", is_flag=True, help="The ids of --input are line/row numbers.")
 @click.option("--text-field", default=None, help="Text column/key of --input [default: as made].")
 @click.option("--local", is_flag=True, help="Embed the queries with the local model (no key).")
 @click.option(
@@ -578,6 +579,7 @@ def search_command(
     model: str | None,
     input_path: str | None,
     id_field: str | None,
+    no_id_field: bool,
     text_field: str | None,
     local: bool,
     base_url: str | None,
@@ -593,6 +595,8 @@ def search_command(
         )
     if local and base_url:
         raise click.UsageError("--local runs its own server: leave out --base-url")
+    if id_field is not None and no_id_field:
+        raise click.UsageError("--id-field and --no-id-field exclude each other")
     try:
         made = made_with(out)
     except TogembedError as exc:  # e.g. a Parquet output without pyarrow
@@ -614,7 +618,7 @@ def search_command(
     if src is None and made.get("input"):
         src = Path(made["input"])
     if src is not None:
-        if id_field is None:
+        if id_field is None and not no_id_field:
             id_field = made["id_field"] if "id_field" in made else _detect_quietly(src)
         source = TextSource(src, id_field, text_field or made.get("text_field") or "text")
     sys.exit(asyncio.run(_search(out, queries, k, model, source, base_url=url, local=local)))
