@@ -1085,15 +1085,21 @@ def test_a_later_record_without_the_found_id_field_is_a_clear_error(
 
 
 @pytest.mark.parametrize(
-    ("name", "bad", "fixed"),
+    ("name", "bad", "fixed", "ids"),
     [
-        ("in.jsonl", '{"text": "a"}\n{"text": oops}\n', '{"text": "a"}\n{"text": "b"}\n'),
-        ("in.csv", "body\na\nb\n", "text\na\nb\n"),  # no column "text"
-        ("in.jsonl", "", '{"text": "a"}\n{"text": "b"}\n'),  # empty, then filled
+        ("in.jsonl", '{"text": "a"}\n{"text": oops}\n', '{"text": "a"}\n{"text": "b"}\n', "12"),
+        ("in.csv", "body\na\nb\n", "text\na\nb\n", "23"),  # no column "text"
+        ("in.jsonl", "", '{"text": "a"}\n{"text": "b"}\n', "12"),  # empty, then filled
+        (  # an id twice
+            "in.jsonl",
+            '{"id": "x", "text": "a"}\n{"id": "x", "text": "b"}\n',
+            '{"id": "x", "text": "a"}\n{"id": "y", "text": "b"}\n',
+            "xy",
+        ),
     ],
 )
 def test_after_a_run_that_paid_nothing_the_fixed_input_just_runs(
-    tmp_path: Path, server: Server, name: str, bad: str, fixed: str
+    tmp_path: Path, server: Server, name: str, bad: str, fixed: str, ids: str
 ) -> None:
     src = tmp_path / name
     src.write_text(bad, encoding="utf-8")
@@ -1106,7 +1112,8 @@ def test_after_a_run_that_paid_nothing_the_fixed_input_just_runs(
     second = invoke(*args)
     assert second.exit_code == 0, second.stderr
     assert "belongs to a job" not in second.stderr
-    assert_rows(out, ["1", "2"] if name.endswith(".jsonl") else ["2", "3"], ["a", "b"])
+    assert_rows(out, list(ids), ["a", "b"])
+    assert server.inputs() == 2
 
 
 def touch(path: Path) -> None:
