@@ -375,8 +375,10 @@ def test_a_second_ctrl_c_abandons_what_is_in_flight_and_keeps_what_was_saved(
         time.sleep(WAVE_LATENCY / 2)  # mid round trip, as in the SIGKILL test
         proc.send_signal(signal.SIGINT)
         assert proc.stderr is not None
-        first = [proc.stderr.readline() for _ in range(2)]  # a blank line, then the notice
-        assert first[1].startswith("stopping: finishing requests in flight"), first
+        # The start line (printed before the signal), a blank line, then the notice.
+        first = [proc.stderr.readline() for _ in range(3)]
+        assert first[0].startswith(f"embedding {src} into {out}"), first
+        assert first[2].startswith("stopping: finishing requests in flight"), first
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -609,6 +611,8 @@ def test_deadline_zero_sends_nothing_and_a_long_deadline_finishes(
     first = invoke(*args, "--deadline", "0s")
     assert first.exit_code == 4, first.stderr
     assert server.inputs() == 0
+    assert "run the same command again to continue (nothing was saved yet)" in first.stderr
+    assert not job_path(out).exists()
     second = invoke(*args, "--deadline", "1h30m")
     assert second.exit_code == 0, second.stderr
     assert_rows(out, txt_ids(len(texts)), texts)
@@ -934,13 +938,323 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
     assert server.stats()["inputs"] - paid < 300  # the first run's stored work was kept
 
 
-def test_an_empty_input_says_there_is_nothing_to_write(tmp_path: Path, server: Server) -> None:
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+def test_an_empty_input_writes_an_empty_output_and_exits_0(
+    tmp_path: Path, server: Server, suffix: str
+) -> None:
     src = tmp_path / "empty.txt"
     src.write_bytes(b"")
-    out = tmp_path / "out.parquet"
-    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url)
-    assert result.exit_code == 0
-    assert "0 of 0 inputs done" in result.stderr
-    assert f"{out} not written: the input has no records" in result.stderr
-    assert not out.exists()
+    out = tmp_path / f"out{suffix}"
+    for _ in range(2):  # and again: no job file left to refuse or to resume
+        result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url)
+        assert result.exit_code == 0, result.stderr
+        assert "0 of 0 inputs done" in result.stderr
+        assert f"wrote {out} (no rows: the input has no records; ids: line numbers)" in (
+            result.stderr
+        )
+        assert not job_path(out).exists()
+    if suffix == ".parquet":
+        table = pq.read_table(out)
+        assert table.column_names == ["id", "embedding"] and len(table) == 0
+    elif suffix == ".npy":
+        array = np.load(out)
+        assert (array.shape, array.dtype) == ((0, 0), np.float32)
+        assert npy_ids_path(out).read_bytes() == b""
+    else:
+        assert out.read_bytes() == b""
     assert server.inputs() == 0
+
+
+def test_an_input_whose_every_record_fails_writes_an_empty_output_and_exits_3(
+    tmp_path: Path, server: Server
+) -> None:
+    texts = [f"{t} POISON" for t in make_texts(30)]
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.parquet"
+    strict = Server("--reject-substring", "POISON")
+    try:
+        result = invoke(src, "-o", out, "-m", MODEL, "--base-url", strict.url)
+    finally:
+        strict.close()
+    assert result.exit_code == 3, result.stderr
+    assert f"wrote {out} (no rows: every input failed; ids: line numbers)" in result.stderr
+    assert len(pq.read_table(out)) == 0
+    assert len(failures_path(out).read_bytes().splitlines()) == 30
+    retried = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url, "--retry-failed")
+    assert retried.exit_code == 0, retried.stderr
+    assert_rows(out, txt_ids(30), texts)
+
+
+# -- 10. ids from the input's own id field ---------------------------------------------------------
+
+
+def _input_with_ids(kind: str, tmp_path: Path, ids: list[str], texts: list[str]) -> Path:
+    """An input whose records have an ``id`` field (not first), of ``kind``."""
+    if kind == "jsonl":
+        path = tmp_path / "in.jsonl"
+        path.write_bytes(
+            b"".join(
+                orjson.dumps({"text": t, "lang": "en", "id": i}) + b"\n"
+                for i, t in zip(ids, texts, strict=True)
+            )
+        )
+        return path
+    if kind == "csv":
+        path = tmp_path / "in.csv"
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "id"])
+            w.writerows(zip(texts, ids, strict=True))
+        return path
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": texts, "id": ids}), path, row_group_size=50)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_an_id_field_in_the_input_is_used_without_id_field(
+    tmp_path: Path, server: Server, kind: str
+) -> None:
+    n = 120
+    texts, ids = make_texts(n), [f"key-{3 * i}" for i in range(n)]
+    src = _input_with_ids(kind, tmp_path, ids, texts)
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    assert (
+        f"embedding {src} into {out} with {MODEL} (ids: field 'id' (found in the input); "
+        "--no-id-field numbers the records instead)"
+    ) in result.stderr
+    assert f"wrote {out} ({n} rows; ids: field 'id')" in result.stderr
+    assert_rows(out, ids, texts)
+
+    # --no-id-field: numbered records, the same texts (kept: nothing is sent again).
+    server.reset()
+    numbered = invoke(*args, "--no-id-field")
+    assert numbered.exit_code == 0, numbered.stderr
+    words = "row numbers" if kind == "parquet" else "line numbers"
+    assert f"(ids: {words})" in numbered.stderr
+    assert f"wrote {out} ({n} rows; ids: {words})" in numbered.stderr
+    first = 2 if kind == "csv" else 1  # a CSV record's line, after the header
+    assert_rows(out, [str(k) for k in range(first, first + n)], texts)
+    assert server.inputs() == 0
+
+
+def test_an_explicit_id_field_is_said_as_such(tmp_path: Path, server: Server) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", ["a", "b"], ["x", "y"])
+    out = tmp_path / "out.jsonl"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url, "--id-field", "id")
+    assert result.exit_code == 0, result.stderr
+    assert "(ids: field 'id')\n" in result.stderr  # not "found in the input"
+    assert_rows(out, ["a", "b"], ["x", "y"])
+
+
+def test_id_field_and_no_id_field_exclude_each_other(tmp_path: Path, server: Server) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", ["a"], ["x"])
+    out = tmp_path / "o.npy"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    result = invoke(*args, "--id-field", "id", "--no-id-field")
+    assert result.exit_code == 2
+    assert "--id-field and --no-id-field exclude each other" in result.stderr
+    assert server.inputs() == 0 and not job_path(out).exists()
+
+
+def test_a_later_record_without_the_found_id_field_is_a_clear_error(
+    tmp_path: Path, server: Server
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"text": "z"}\n', encoding="utf-8"
+    )
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "in.jsonl, line 3: no id field 'id'" in result.stderr  # as with --id-field id
+    assert "--no-id-field numbers the records instead" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert server.inputs() == 0
+    assert not job_path(out).exists()
+    numbered = invoke(*args, "--no-id-field")
+    assert numbered.exit_code == 0, numbered.stderr
+    assert_rows(out, ["1", "2", "3"], ["x", "y", "z"])
+
+
+# -- 11. the input changes under a job -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "fixed", "ids"),
+    [
+        ("in.jsonl", '{"text": "a"}\n{"text": oops}\n', '{"text": "a"}\n{"text": "b"}\n', "12"),
+        ("in.csv", "body\na\nb\n", "text\na\nb\n", "23"),  # no column "text"
+        ("in.jsonl", "", '{"text": "a"}\n{"text": "b"}\n', "12"),  # empty, then filled
+        (  # an id twice
+            "in.jsonl",
+            '{"id": "x", "text": "a"}\n{"id": "x", "text": "b"}\n',
+            '{"id": "x", "text": "a"}\n{"id": "y", "text": "b"}\n',
+            "xy",
+        ),
+    ],
+)
+def test_after_a_run_that_paid_nothing_the_fixed_input_just_runs(
+    tmp_path: Path, server: Server, name: str, bad: str, fixed: str, ids: str
+) -> None:
+    src = tmp_path / name
+    src.write_text(bad, encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    first = invoke(*args)
+    assert first.exit_code == (0 if not bad else 2), first.stderr
+    assert not job_path(out).exists()  # nothing was paid: nothing left behind
+    src.write_text(fixed, encoding="utf-8")
+    second = invoke(*args)
+    assert second.exit_code == 0, second.stderr
+    assert "belongs to a job" not in second.stderr
+    assert_rows(out, list(ids), ["a", "b"])
+    assert server.inputs() == 2
+
+
+def touch(path: Path) -> None:
+    """``touch``: the same bytes, a later modification time (set, not waited for)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def test_a_touched_input_just_continues(tmp_path: Path, server: Server) -> None:
+    texts = make_texts(400)
+    src = write_txt(tmp_path / "in.txt", texts)
+    out = tmp_path / "out.npy"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", 20)
+    assert invoke(*args, "--max-tokens", 300).exit_code == 4
+    sent = server.inputs()
+    touch(src)
+    second = invoke(*args)
+    assert second.exit_code == 0, second.stderr
+    assert "since the job's last run: the input file was modified" in second.stderr
+    assert f"{sent:,} already embedded kept, {400 - sent:,} to embed" in second.stderr
+    assert server.inputs() == len(texts)  # only what was left
+    assert_rows(out, txt_ids(len(texts)), texts)
+    touch(src)
+    third = invoke(*args)
+    assert third.exit_code == 0, third.stderr
+    assert "400 already embedded kept, 0 to embed" in third.stderr
+    assert server.inputs() == len(texts)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv", "parquet"])
+def test_records_appended_to_a_finished_corpus_are_all_that_is_embedded(
+    tmp_path: Path, server: Server, kind: str
+) -> None:
+    texts = make_texts(300)
+    src, opts, ids = _write_input(kind, tmp_path, texts)
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url, *opts)
+    assert invoke(*args).exit_code == 0
+    assert server.inputs() == 300
+    more = make_texts(350)[300:]
+    _, _, all_ids = _write_input(kind, tmp_path, texts + more)
+    server.reset()
+    again = invoke(*args)  # the same command, no --restart
+    assert again.exit_code == 0, again.stderr
+    assert server.inputs() == 50  # only the new ids
+    assert "350 of 350 inputs done (50 this run" in again.stderr
+    assert "300 already embedded kept, 50 to embed" in again.stderr
+    assert all_ids[:300] == ids
+    assert_rows(out, all_ids, texts + more)
+
+
+def test_edited_removed_and_reordered_records_are_reconciled_by_id_and_text(
+    tmp_path: Path, server: Server
+) -> None:
+    n = 200
+    ids, texts = [f"d{i}" for i in range(n)], make_texts(n)
+    src = write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    out = tmp_path / "out.jsonl"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    assert invoke(*args).exit_code == 0
+    rows = list(zip(ids, texts, strict=True))[::-1]  # reversed
+    rows[10] = (rows[10][0], rows[10][1] + " (edited)")
+    del rows[20:25]  # five records gone
+    rows.append(("d-new", "a text never seen"))
+    write_jsonl(src, [i for i, _ in rows], [t for _, t in rows])
+    server.reset()
+    again = invoke(*args)
+    assert again.exit_code == 0, again.stderr
+    assert server.inputs() == 2  # the edited text and the new one
+    assert f"{n - 5 - 1:,} already embedded kept, 2 to embed" in again.stderr
+    assert "5 no longer in the input" in again.stderr
+    assert_rows(out, [i for i, _ in rows], [t for _, t in rows])
+
+
+def test_a_duplicate_id_appended_is_refused_and_the_paid_work_is_kept(
+    tmp_path: Path, server: Server
+) -> None:
+    ids, texts = [f"d{i}" for i in range(100)], make_texts(100)
+    src = write_jsonl(tmp_path / "in.jsonl", ids, texts)
+    out = tmp_path / "out.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", server.url)
+    assert invoke(*args).exit_code == 0
+    write_jsonl(src, [*ids, "d5"], [*texts, "another text"])
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "id 'd5' appears twice in the input, at records 6 and 101" in result.stderr
+    assert job_rows(out) == 100  # the job is as it was
+    assert_rows(out, ids, texts)  # so is the last output
+    write_jsonl(src, [*ids, "d100"], [*texts, "another text"])
+    server.reset()
+    fixed = invoke(*args)
+    assert fixed.exit_code == 0, fixed.stderr
+    assert server.inputs() == 1
+    assert_rows(out, [*ids, "d100"], [*texts, "another text"])
+
+
+def test_another_model_after_paid_work_is_refused_in_words(tmp_path: Path, server: Server) -> None:
+    src = write_txt(tmp_path / "in.txt", make_texts(50))
+    out = tmp_path / "out.parquet"
+    assert invoke(src, "-o", out, "-m", MODEL, "--base-url", server.url).exit_code == 0
+    touch(src)  # an input change alone would be reconciled; the model cannot be
+    result = invoke(src, "-o", out, "-m", "other/model", "--base-url", server.url)
+    assert result.exit_code == 2
+    assert f"started with model={MODEL!r}, but this run has model='other/model'" in result.stderr
+    assert "(the job holds 50 vectors)" in result.stderr
+    assert "input_mtime_ns" not in result.stderr
+
+
+def test_sigkill_while_embedding_appended_records_then_rerun_repays_at_most_the_bound(
+    tmp_path: Path, wave_server: Server
+) -> None:
+    n, batch, conc = 2000, 50, 4
+    texts = make_texts(2 * n)
+    src = write_txt(tmp_path / "corpus.txt", texts[:n])
+    out = tmp_path / "vectors.parquet"
+    args = (src, "-o", out, "-m", MODEL, "--base-url", wave_server.url)
+    args += ("--batch-size", batch, "--concurrency", conc)
+    wave_server.reset()
+    assert run(*args).returncode == 0
+    assert wave_server.inputs() == n
+    write_txt(src, texts)  # as many records again, appended
+
+    kill_after_inputs(args, wave_server, n + n // 2, delay=WAVE_LATENCY / 2, log=tmp_path / "e")
+    committed, paid = job_rows(out), wave_server.inputs()
+    assert n < committed < 2 * n  # the reconciled job, then some of the new records
+    assert paid - committed <= conc * batch  # lost to the kill: what was in flight
+    assert_rows(out, txt_ids(n), texts[:n])  # the last output stays until the job completes
+
+    third = run(*args)
+    assert third.returncode == 0, third.stderr
+    assert wave_server.inputs() - paid == 2 * n - committed  # exactly what was missing
+    assert_rows(out, txt_ids(2 * n), texts)
+
+
+def test_a_base_url_without_a_scheme_is_called_malformed_not_a_missing_key(
+    tmp_path: Path,
+) -> None:
+    src = write_txt(tmp_path / "in.txt", ["hello"])
+    out = tmp_path / "out.parquet"
+    result = invoke(src, "-o", out, "-m", MODEL, "--base-url", "127.0.0.1:8765/v1")
+    assert result.exit_code == 2
+    assert "no API key" not in result.stderr
+    assert "http://127.0.0.1:8765/v1" in result.stderr  # what it should look like
+    assert not job_path(out).exists()

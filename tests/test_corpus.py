@@ -20,6 +20,8 @@ from togembed._corpus import (
     OutputFile,
     Record,
     count_records,
+    default_ids,
+    detect_id_field,
     npy_ids_path,
     read_blocks,
     read_records,
@@ -303,6 +305,52 @@ def test_unsupported_suffixes(tmp_path: Path) -> None:
         write_output(tmp_path / "o.csv", [], dim=2, count=0)
 
 
+def test_a_broken_parquet_input_is_a_corpus_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.parquet", b"not parquet at all")
+    with pytest.raises(CorpusError, match=r"c\.parquet: not a readable Parquet file"):
+        list(read_records(path))
+    with pytest.raises(CorpusError, match="not a readable Parquet file"):
+        detect_id_field(path)
+
+
+# -- the id field, found in the input -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "found"),
+    [
+        ("c.jsonl", '{"id": "a", "text": "x"}\n{"text": "y"}\n', "id"),
+        ("c.jsonl", '\n\n{"text": "x", "id": 3}\n', "id"),  # blank lines are not records
+        ("c.jsonl", '{"text": "x"}\n{"id": "b", "text": "y"}\n', None),  # the first decides
+        ("c.jsonl", '{"text": "x", "ID": 1}\n', None),  # names are case-sensitive
+        ("c.jsonl", "{broken\n", None),  # left for the reader to report, with its line
+        ("c.jsonl", '["id"]\n', None),
+        ("c.jsonl", "", None),
+        ("c.csv", "\ufefftext,id\nx,1\n", "id"),  # after a byte order mark
+        ("c.csv", "text,doc_id\nx,1\n", None),
+        ("c.csv", "", None),
+        ("c.csv", b"text,\xff\n", None),
+        ("c.txt", '{"id": 1}\n', None),  # a .txt has no fields
+    ],
+)
+def test_detect_id_field_reads_the_header_or_the_first_record(
+    tmp_path: Path, name: str, data: str | bytes, found: str | None
+) -> None:
+    assert detect_id_field(write(tmp_path / name, data)) == found
+
+
+def test_detect_id_field_of_parquet_reads_the_schema(tmp_path: Path) -> None:
+    with_ids, without = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": ["x"], "id": [7]}), with_ids)
+    pq.write_table(pa.table({"text": ["x"], "key": ["k"]}), without)
+    assert detect_id_field(with_ids) == "id"
+    assert detect_id_field(without) is None
+    assert (default_ids(with_ids), default_ids(tmp_path / "c.csv")) == (
+        "row numbers",
+        "line numbers",
+    )
+
+
 # -- writers ------------------------------------------------------------------------------------
 
 
@@ -423,6 +471,36 @@ def test_empty_output(tmp_path: Path, suffix: str) -> None:
     assert path.exists()
     if suffix == ".npy":
         assert np.load(path).shape == (0, 3)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+def test_empty_output_of_unknown_dimension(tmp_path: Path, suffix: str) -> None:
+    """No vector at all (every input failed): dimension 0, the right layout still."""
+    path = tmp_path / f"out{suffix}"
+    out = OutputFile.create(path, dim=0, max_rows=0)
+    assert out.commit(0) == 0
+    if suffix == ".parquet":
+        table = pq.read_table(path)
+        assert table.column_names == ["id", "embedding"]
+        assert table.schema.field("embedding").type == pa.list_(pa.float32(), 0)
+        assert len(table) == 0
+    elif suffix == ".npy":
+        array = np.load(path)
+        assert (array.shape, array.dtype) == ((0, 0), np.float32)
+        assert npy_ids_path(path).read_bytes() == b""
+    else:
+        assert path.read_bytes() == b""
+
+
+def test_parquet_output_says_how_it_was_made(tmp_path: Path) -> None:
+    path = tmp_path / "out.parquet"
+    made = {"model": "m", "input": "/x/in.jsonl", "id_field": None, "text_field": "text"}
+    out = OutputFile.create(path, dim=2, max_rows=1, metadata=made)
+    out.write(["a"], np.ones((1, 2), np.float32))
+    out.commit(1)
+    meta = pq.ParquetFile(path).schema_arrow.metadata
+    assert orjson.loads(meta[b"togembed"]) == made
+    assert pq.read_table(path).column("id").to_pylist() == ["a"]
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])

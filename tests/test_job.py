@@ -6,6 +6,7 @@ against an in-process fake server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -18,9 +19,9 @@ import pytest
 from helpers import MakeServer
 
 from togembed import AsyncClient, _job, _joboutput
-from togembed._corpus import npy_ids_path
+from togembed._corpus import CorpusError, npy_ids_path
 from togembed._job import JobOptions, run_job
-from togembed._jobstore import JobStore
+from togembed._jobstore import JobStore, job_path
 from togembed.testing import fake_embeddings
 
 DIM = 16
@@ -236,3 +237,150 @@ async def test_a_failed_commit_stops_the_job_instead_of_stalling_it(
     assert time.monotonic() - started < 10  # ended by the error, not by the timeout
     assert not job_tasks() and not job_threads()
     assert not out.exists() and not (tmp_path / ".o.parquet.togembed-tmp").exists()
+
+
+# -- a changed input, an input that stops the job, an empty one --------------------------------
+
+
+def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps({"id": i, "text": t}) + b"\n" for i, t in rows))
+    return path
+
+
+def read_npy(out: Path) -> tuple[list[str], np.ndarray]:
+    return npy_ids_path(out).read_text(encoding="utf-8").splitlines(), np.load(out)
+
+
+def bump_mtime(path: Path) -> None:
+    """What ``touch`` does: same bytes, a later modification time (set, not waited for)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+async def test_a_changed_input_sends_only_its_new_and_changed_texts(
+    tmp_path: Path, make_server: MakeServer
+) -> None:
+    rows = [(f"d{k}", f"text {k}") for k in range(200)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.npy"
+    opts = JobOptions(input=src, output=out, model="m", id_field="id")
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url, batch_size=16) as client:
+        assert (await run_job(client, opts)).status == "complete"
+        assert server.stats.inputs == 200
+        # Reordered, d7 edited, d3 removed, two records added (one with a known text).
+        changed = rows[100:] + rows[:100]
+        changed[changed.index(("d7", "text 7"))] = ("d7", "text 7, edited")
+        changed.remove(("d3", "text 3"))
+        changed += [("n1", "a new text"), ("n2", "text 150")]
+        write_jsonl(src, changed)
+        again = await run_job(client, opts)
+    assert again.status == "complete" and again.rows == len(changed)
+    assert server.stats.inputs == 200 + 2  # the edited text and the new one
+    assert again.progress.reconciled is not None
+    assert again.progress.reconciled.kept == len(changed) - 2
+    assert again.progress.reconciled.gone == 1
+    assert "input_mtime_ns" in again.progress.changes
+    ids, vectors = read_npy(out)
+    assert ids == [i for i, _ in changed]
+    np.testing.assert_array_equal(vectors, fake_embeddings([t for _, t in changed], DIM))
+
+
+async def test_a_touched_input_continues_where_it_stopped(
+    tmp_path: Path, make_server: MakeServer
+) -> None:
+    texts = [f"text {k}" for k in range(300)]
+    src = tmp_path / "in.txt"
+    src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url, batch_size=10, concurrency=2) as client:
+        first = await run_job(client, JobOptions(input=src, output=out, model="m", max_tokens=200))
+        assert first.status == "budget"
+        sent = server.stats.inputs
+        bump_mtime(src)
+        second = await run_job(client, JobOptions(input=src, output=out, model="m"))
+        assert second.status == "complete"
+        assert server.stats.inputs == len(texts)  # the rest, nothing twice
+        assert second.progress.reconciled is not None
+        assert second.progress.reconciled.kept == first.progress.embedded == sent
+        bump_mtime(src)  # a finished job, touched: nothing to send
+        third = await run_job(client, JobOptions(input=src, output=out, model="m"))
+    assert third.status == "complete" and server.stats.inputs == len(texts)
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [str(k) for k in range(1, 301)]
+
+
+async def test_another_id_field_keeps_the_vectors(tmp_path: Path, make_server: MakeServer) -> None:
+    rows = [(f"d{k}", f"text {k}") for k in range(50)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.npy"
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url) as client:
+        await run_job(client, JobOptions(input=src, output=out, model="m"))  # line numbers
+        assert read_npy(out)[0] == [str(k) for k in range(1, 51)]
+        result = await run_job(client, JobOptions(input=src, output=out, model="m", id_field="id"))
+    assert result.status == "complete"
+    assert result.progress.changes["id_field"] == (None, "id")
+    assert server.stats.inputs == 50  # nothing sent again
+    assert read_npy(out)[0] == [i for i, _ in rows]
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "fixed"),
+    [
+        ("in.jsonl", '{"text": "a"}\n{"text": oops}\n', '{"text": "a"}\n{"text": "b"}\n'),
+        ("in.csv", "body\na\nb\n", "text\na\nb\n"),
+    ],
+)
+async def test_a_job_stopped_by_a_bad_record_leaves_no_job_files(
+    tmp_path: Path, make_server: MakeServer, name: str, bad: str, fixed: str
+) -> None:
+    src = tmp_path / name
+    src.write_text(bad, encoding="utf-8")
+    out = tmp_path / "out.npy"
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url) as client:
+        with pytest.raises(CorpusError):
+            await run_job(client, JobOptions(input=src, output=out, model="m"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing left behind
+        src.write_text(fixed, encoding="utf-8")
+        result = await run_job(client, JobOptions(input=src, output=out, model="m"))
+    assert result.status == "complete"
+    np.testing.assert_array_equal(np.load(out), fake_embeddings(["a", "b"], DIM))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
+async def test_an_empty_input_writes_an_empty_output_and_no_job_files(
+    tmp_path: Path, make_server: MakeServer, suffix: str
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n")
+    out = tmp_path / f"out{suffix}"
+    server = await make_server()
+    async with AsyncClient(base_url=server.base_url) as client:
+        result = await run_job(client, JobOptions(input=src, output=out, model="m"))
+    assert (result.status, result.output, result.rows) == ("complete", out, 0)
+    assert not job_path(out).exists() and not job_threads()
+    if suffix == ".parquet":
+        table = pq.read_table(out)
+        assert table.column_names == ["id", "embedding"] and len(table) == 0
+    elif suffix == ".npy":
+        assert np.load(out).shape == (0, 0)
+    else:
+        assert out.read_bytes() == b""
+
+
+async def test_an_input_that_failed_whole_writes_an_empty_output_and_keeps_the_job(
+    tmp_path: Path, make_server: MakeServer
+) -> None:
+    src = tmp_path / "in.txt"
+    src.write_text("bad one\nbad two\n", encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    server = await make_server(reject_substring="bad")
+    async with AsyncClient(base_url=server.base_url) as client:
+        result = await run_job(client, JobOptions(input=src, output=out, model="m"))
+    assert (result.status, result.output, result.rows) == ("failures", out, 0)
+    assert len(pq.read_table(out)) == 0
+    assert result.failures is not None and len(result.failures.read_bytes().splitlines()) == 2
+    assert job_path(out).exists()  # for --retry-failed

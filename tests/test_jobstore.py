@@ -28,6 +28,7 @@ from togembed._jobstore import (
     JobLockedError,
     JobMismatchError,
     JobStore,
+    Reconciled,
     VectorCache,
     cache_key,
     job_path,
@@ -349,6 +350,250 @@ def test_text_hash() -> None:
     assert len(text_hash("a")) == 16
     assert text_hash("a") == text_hash("a") != text_hash("b")
     assert len(text_hash("\ud800 lone surrogate")) == 16
+
+
+# -- a job that stored nothing, a changed input ----------------------------------------------
+
+
+def test_a_job_that_stored_nothing_starts_afresh_with_new_settings(path: Path) -> None:
+    """Only ids registered (the pre-pass stopped on a bad record, say): nothing was paid, so a
+    run with other settings simply starts again, instead of being refused."""
+    with JobStore.open(path, meta=META) as s:
+        s.register_ids(enumerate(["a", "b"]))
+        s.register_count(2)
+    vectors_path(path).write_bytes(b"\x01" * 40)  # a killed first write, never committed
+    new = {**META, "mtime": 9.5, "model": "m2"}
+    with JobStore.open(path, meta=new, restart_if_unpaid=True) as s:
+        assert s.changed == {}
+        assert s.counts() == JobCounts(done=0, failed=0, ids=0)
+        assert s.ids_total is None and s.dim is None
+        assert vectors_path(path).stat().st_size == 0
+        record(s, [0])
+    with JobStore.open(path, meta=new) as s:  # the job is now the new settings' job
+        assert s.counts().done == 1
+    # Once something is stored, the same change is refused, with what the job holds.
+    with pytest.raises(JobMismatchError, match=r"model='m2', but this run has model='m1'") as info:
+        JobStore.open(path, meta=META, restart_if_unpaid=True)
+    assert "the job holds 1 vector)" in str(info.value)
+
+
+def test_a_failure_alone_counts_as_stored_work(path: Path) -> None:
+    with JobStore.open(path, meta=META) as s:
+        s.record_failures([(0, "id0", "too long", text_hash("text 0"))])
+    with pytest.raises(JobMismatchError, match="1 failed input"):
+        JobStore.open(path, meta={**META, "model": "m2"}, restart_if_unpaid=True)
+
+
+def hashed(ids: list[str], texts: list[str], block: int = 2) -> list[tuple[int, list[str], list]]:
+    """``reconcile``'s input: (first position, ids, text hashes) in blocks of ``block``."""
+    return [
+        (k, ids[k : k + block], [text_hash(t) for t in texts[k : k + block]])
+        for k in range(0, len(ids), block)
+    ]
+
+
+def old_job(path: Path) -> None:
+    """Five records id0..id4 with texts "text 0".."text 4": 0, 1, 2 and 4 embedded (vectors
+    saying their position), 3 failed; and a copy of text 1 under id "copy" at position 5."""
+    with JobStore.open(path, meta=META) as s:
+        s.register_ids(enumerate(["id0", "id1", "id2", "id3", "id4", "copy"]))
+        record(s, [0, 1, 2, 4])
+        s.record_failures([(3, "id3", "rejected", text_hash("text 3"))])
+        s.record_duplicates([(5, "copy", 1)])
+
+
+def test_a_changed_input_is_reconciled_by_id_and_text(path: Path) -> None:
+    old_job(path)
+    new_meta = {**META, "mtime": 2.5, "size": 12}
+    with JobStore.open(path, meta=new_meta, changeable=("mtime", "size")) as s:
+        assert s.changed == {"mtime": (1.5, 2.5), "size": (10, 12)}
+        # Reordered; id1's text edited; id2 gone; id0's text under a new id too; a new record;
+        # id3 still fails (same text); "copy" still a copy.
+        ids = ["id4", "id0", "id1", "id3", "renamed", "copy", "new"]
+        texts = ["text 4", "text 0", "text 1 edited", "text 3", "text 0", "text 1", "brand new"]
+        result = s.reconcile(hashed(ids, texts), keep_ids=True)
+        assert result == Reconciled(total=7, kept=4, failed=1, gone=1)
+        assert result.to_embed == 2  # the edited text and the new one
+        assert s.changed == {}
+        assert s.ids_total == 7
+        assert s.counts() == JobCounts(done=4, failed=1, ids=7)
+        assert s.done_bitmap(7).tolist() == [True, True, False, False, True, True, False]
+        assert list(s.iter_failures()) == [(3, "id3", "rejected")]
+        # Each kept record points at the vector of its text, paid for once.
+        rows = {rid: v[0] for rid, v in s.iter_rows()}
+        assert rows == {"id4": 4.0, "id0": 0.0, "renamed": 0.0, "copy": 1.0}
+        assert vectors_path(path).stat().st_size == 4 * DIM * 4  # no byte rewritten
+        # The rest is embedded as usual, at the new positions.
+        s.record_batch([2], ["id1"], vecs_for([9]), hashes=[text_hash("text 1 edited")])
+        assert [rid for rid, _ in s.iter_rows()] == ["id4", "id0", "id1", "renamed", "copy"]
+    with JobStore.open(path, meta=new_meta) as s:  # the job now belongs to the new input
+        assert s.counts().done == 5
+    with pytest.raises(JobMismatchError, match="mtime"):
+        JobStore.open(path, meta=META)
+
+
+def test_a_failure_of_a_changed_text_is_forgotten(path: Path) -> None:
+    old_job(path)
+    with JobStore.open(path, meta={**META, "mtime": 3.0}, changeable=("mtime",)) as s:
+        ids = ["id0", "id1", "id2", "id3", "id4", "copy"]
+        texts = ["text 0", "text 1", "text 2", "text 3 fixed", "text 4", "text 1"]
+        assert s.reconcile(hashed(ids, texts, 4), keep_ids=True) == Reconciled(6, 5, 0, 0)
+        assert s.failed_positions() == set()  # sent again: the user fixed it
+
+
+def test_failures_without_a_text_hash_are_retried_after_a_change(path: Path) -> None:
+    with JobStore.open(path, meta=META) as s:
+        record(s, [0])
+        s.record_failures([(1, "id1", "rejected")])  # no hash: an older job, say
+    with JobStore.open(path, meta={**META, "mtime": 3.0}, changeable=("mtime",)) as s:
+        result = s.reconcile(hashed(["id0", "id1"], ["text 0", "text 1"]), keep_ids=False)
+        assert result == Reconciled(total=2, kept=1, failed=0, gone=0)
+        assert s.counts() == JobCounts(done=1, failed=0, ids=0)  # line numbers: no ids kept
+
+
+@pytest.mark.parametrize("block", [3, 4], ids=["across-blocks", "within-a-block"])
+def test_reconcile_with_a_duplicate_id_changes_nothing(path: Path, block: int) -> None:
+    old_job(path)
+    changed = {**META, "mtime": 2.0}
+    with JobStore.open(path, meta=changed, changeable=("mtime",)) as s:
+        ids = ["id0", "id1", "x", "id0"]
+        with pytest.raises(DuplicateIdError, match=r"id 'id0' appears twice.*records 1 and 4"):
+            s.reconcile(hashed(ids, ["text 0", "text 1", "y", "z"], block), keep_ids=True)
+        assert s.changed  # still to do
+        assert s.counts() == JobCounts(done=5, failed=1, ids=6)
+        assert s.ids_total == 6
+    with JobStore.open(path, meta=META) as s:  # still the old job
+        assert s.counts() == JobCounts(done=5, failed=1, ids=6)
+
+
+def test_a_setting_not_changeable_is_still_refused(path: Path) -> None:
+    old_job(path)
+    with pytest.raises(JobMismatchError, match="model='m1', but this run has model='m2'"):
+        JobStore.open(path, meta={**META, "model": "m2", "mtime": 2.0}, changeable=("mtime",))
+
+
+def test_failures_of_a_format_3_file_get_their_hash_column(path: Path) -> None:
+    """Job files of this format made before failures kept a text hash: the column is added in
+    place, the failures there are kept, new ones get their hash."""
+    with JobStore.open(path, meta=META) as s:
+        record(s, [0])
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE old_failures (pos INTEGER PRIMARY KEY, id TEXT NOT NULL, reason TEXT NOT NULL);
+        INSERT INTO old_failures VALUES (1, 'id1', 'rejected');
+        DROP TABLE failures;
+        ALTER TABLE old_failures RENAME TO failures;
+        """
+    )
+    conn.close()
+    with JobStore.open(path, meta=META) as s:
+        assert list(s.iter_failures()) == [(1, "id1", "rejected")]
+        s.record_failures([(2, "id2", "too long", text_hash("text 2"))])
+    conn = sqlite3.connect(path)
+    rows = conn.execute("SELECT pos, hash FROM failures ORDER BY pos").fetchall()
+    conn.close()
+    assert rows == [(1, None), (2, text_hash("text 2"))]
+
+
+RECONCILE_CHILD = textwrap.dedent(
+    """
+    import sys
+    from togembed._jobstore import JobStore, text_hash
+
+    store = JobStore.open(sys.argv[1], meta={"model": "m", "v": 2}, changeable=("v",))
+    point = sys.argv[2]
+    # A small page cache: the transaction's changes spill into the WAL before its commit, so
+    # the kill leaves uncommitted frames on disk for the next open to ignore.
+    store._conn.execute("PRAGMA cache_size = 8")
+
+    def wait_for_the_kill():
+        print(point, flush=True)
+        sys.stdin.readline()
+
+    def trace(statement):
+        # After the old rows are deleted and the new ones inserted, before the commit.
+        if point == "swap" and statement.startswith("INSERT INTO failures"):
+            wait_for_the_kill()
+
+    store._conn.set_trace_callback(trace)
+
+    def record(p):  # 500 new records, then the old job's 3000 (moved), then new ones
+        if 500 <= p < 3500:
+            return f"id{p - 500}", f"t{p - 500}"
+        return f"new{p}", f"new text {p}"
+
+    def blocks():
+        for start in range(0, 200_000, 1000):
+            if point == "staging" and start == 100_000:
+                wait_for_the_kill()
+            ids, texts = zip(*map(record, range(start, start + 1000)))
+            yield start, list(ids), [text_hash(t) for t in texts]
+
+    store.reconcile(blocks(), keep_ids=True)
+    print("done", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("point", ["staging", "swap"])
+def test_sigkill_during_reconcile_leaves_the_job_as_it_was(tmp_path: Path, point: str) -> None:
+    """Killed halfway through a reconciliation (reading the new input; or with the job's rows
+    already replaced in the WAL, uncommitted): the next run finds the old job intact, and
+    reconciles it again."""
+    path = tmp_path / "job.sqlite"
+    wal = Path(f"{path}-wal")
+    with JobStore.open(path, meta={"model": "m", "v": 1}) as s:
+        s.register_ids((p, f"id{p}") for p in range(3000))
+        for start in range(0, 3000, 500):
+            positions = list(range(start, start + 500))
+            s.record_batch(
+                positions,
+                [f"id{p}" for p in positions],
+                vecs_for(positions),
+                hashes=[text_hash(f"t{p}") for p in positions],
+            )
+        s.record_failures([(3000, "gone", "x", text_hash("gone"))])
+    size = vectors_path(path).stat().st_size
+    child = subprocess.Popen(
+        [sys.executable, "-c", RECONCILE_CHILD, str(path), point],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        assert child.stdout.readline() == f"{point}\n"
+        if point == "swap":  # the new rows are on disk, in frames no commit covers
+            assert wal.stat().st_size > 10 * 4096
+        child.kill()
+        child.wait()
+    finally:
+        child.stdout.close()
+        child.stdin.close()
+    with JobStore.open(path, meta={"model": "m", "v": 1}) as s:  # the old job, intact
+        assert s.counts() == JobCounts(done=3000, failed=1, ids=3000)
+        assert s.ids_total == 3000
+        assert vectors_path(path).stat().st_size == size
+        assert s.done_bitmap().tolist() == [True] * 3000  # at their old positions
+        rows = list(s.iter_rows())
+        assert [rid for rid, _ in rows] == [f"id{p}" for p in range(3000)]
+        np.testing.assert_array_equal(np.stack([v for _, v in rows]), vecs_for(list(range(3000))))
+    rerun = subprocess.run(
+        [sys.executable, "-c", RECONCILE_CHILD, str(path), point],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert rerun.stdout.splitlines() == [point, "done"], rerun.stderr
+    with JobStore.open(path, meta={"model": "m", "v": 2}) as s:
+        assert s.counts() == JobCounts(done=3000, failed=0, ids=200_000)
+        done = s.done_bitmap(200_000)
+        assert done[500:3500].all() and done.sum() == 3000
+        rows = list(s.iter_rows())
+        assert [rid for rid, _ in rows] == [f"id{p}" for p in range(3000)]
+        np.testing.assert_array_equal(np.stack([v for _, v in rows]), vecs_for(list(range(3000))))
 
 
 # -- the vectors file ---------------------------------------------------------------------------

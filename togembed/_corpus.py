@@ -5,6 +5,10 @@ Positions (``Record.pos``) count records from 0 and are where each vector lands 
 Default ids are 1-based and point back into the file: the line number for .txt and .jsonl, the
 line a record starts on for .csv (the header is line 1), the row number for .parquet.
 
+An input whose records have an ``id`` field (the CSV header, the Parquet schema, the first JSONL
+record) has its ids there: ``detect_id_field`` finds it, so that a corpus with ids needs no
+``--id-field``.
+
 Nothing here remembers ids across records (that would be O(N) memory): the job store detects an
 id used twice, on disk.
 
@@ -41,6 +45,8 @@ __all__ = [
     "Record",
     "RecordBlock",
     "count_records",
+    "default_ids",
+    "detect_id_field",
     "npy_ids_path",
     "read_blocks",
     "read_records",
@@ -52,6 +58,7 @@ INPUT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".parquet", ".npy", ".jsonl")
 
 PARQUET_ROW_GROUP = 8192
+PARQUET_META_KEY = b"togembed"  # schema metadata: how the vectors were made (JSON)
 # ...or fewer rows for wide vectors: the writer holds about three copies of a row group.
 _PARQUET_ROW_GROUP_BYTES = 16 << 20
 _PARQUET_READ_BATCH = 4096
@@ -62,6 +69,7 @@ _COUNT_CHUNK = 1 << 20
 # csv refuses fields over 128 KiB by default; a document can be longer than that.
 _CSV_FIELD_LIMIT = 2**31 - 1
 _BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark
+DEFAULT_ID_FIELD = "id"  # the field an input's ids are taken from without --id-field
 
 
 class CorpusError(TogembedError, ValueError):
@@ -163,6 +171,41 @@ def count_records(
     if suffix == ".csv":
         return max(lines - 1, 0)  # the header
     return lines
+
+
+def detect_id_field(path: str | os.PathLike[str]) -> str | None:
+    """``"id"`` if the input's records have an ``id`` field (the CSV header, the Parquet schema,
+    the first JSONL record), else None (ids are then line or row numbers). Reads only the
+    start of the file; a record it cannot read is left for the reader to report, with its
+    line."""
+    path = Path(path)
+    suffix = _suffix(path, INPUT_SUFFIXES, "input")
+    if suffix == ".txt":
+        return None
+    if suffix == ".parquet":
+        _, pq = _pyarrow()
+        names = _parquet_file(pq, path).schema_arrow.names
+        return DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in names else None
+    with open(path, "rb") as f, contextlib.suppress(CorpusError, csv.Error):
+        lines = _decoded_lines(f, path)
+        if suffix == ".csv":
+            header = next(csv.reader(lines), None) or []
+            return DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in header else None
+        for line in lines:
+            if line.strip():
+                try:
+                    first = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    return None
+                found = isinstance(first, dict) and DEFAULT_ID_FIELD in first
+                return DEFAULT_ID_FIELD if found else None
+    return None
+
+
+def default_ids(path: str | os.PathLike[str]) -> str:
+    """What the ids of an input are without an id field: ``"line numbers"`` or, for Parquet,
+    ``"row numbers"``."""
+    return "row numbers" if Path(path).suffix.lower() == ".parquet" else "line numbers"
 
 
 def _count_lines(path: Path, *, check_utf8: bool = False) -> int:
@@ -371,9 +414,17 @@ def _decoded_lines(f: BinaryIO, path: Path) -> Iterator[str]:
             raise CorpusError(f"not valid UTF-8 ({exc.reason})", path=path, line=lineno) from None
 
 
+def _parquet_file(pq: ModuleType, path: Path) -> Any:
+    """``pq.ParquetFile``, its errors (not a Parquet file, a damaged one) as ``CorpusError``."""
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise CorpusError(f"not a readable Parquet file ({exc})", path=path) from None
+
+
 def _read_parquet(path: Path, id_field: str | None, text_field: str) -> Iterator[Record]:
     pa, pq = _pyarrow()
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(pq, path)
     schema = pf.schema_arrow
     text_checks: list[Callable[[Any], bool]] = [pa.types.is_string, pa.types.is_large_string]
     id_checks = [*text_checks, pa.types.is_integer]
@@ -456,10 +507,13 @@ class OutputFile:
     the target: ``commit`` renames it over the target, ``abort`` deletes it. The temp name is
     fixed, so a re-run after a kill overwrites the leftover. Used from one thread at a time."""
 
-    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
+    def __init__(
+        self, path: Path, dim: int, max_rows: int, metadata: dict[str, Any] | None = None
+    ) -> None:
         self.path = path
         self.dim = dim
         self.max_rows = max_rows
+        self.metadata = metadata
         self.written = 0
         self._temps: list[tuple[Path, Path]] = []  # (temp, target), renamed in this order
         self._done = False
@@ -468,16 +522,25 @@ class OutputFile:
         self._unsynced = 0
 
     @staticmethod
-    def create(path: str | os.PathLike[str], *, dim: int, max_rows: int) -> OutputFile:
+    def create(
+        path: str | os.PathLike[str],
+        *,
+        dim: int,
+        max_rows: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> OutputFile:
         """Start writing ``path`` (.parquet, .npy or .jsonl) with at most ``max_rows`` rows
-        (the .npy header is sized for it)."""
+        (the .npy header is sized for it). ``metadata`` (JSON-serializable: the model, the
+        input, its fields) goes into a Parquet file's schema metadata under ``togembed``, so
+        that ``togembed search`` knows how the vectors were made; the other formats have no
+        place for it."""
         path = Path(path)
         suffix = _suffix(path, OUTPUT_SUFFIXES, "output")
         if suffix == ".parquet":
-            return _ParquetOutput(path, dim, max_rows)
+            return _ParquetOutput(path, dim, max_rows, metadata)
         if suffix == ".npy":
-            return _NpyOutput(path, dim, max_rows)
-        return _JsonlOutput(path, dim, max_rows)
+            return _NpyOutput(path, dim, max_rows, metadata)
+        return _JsonlOutput(path, dim, max_rows, metadata)
 
     @staticmethod
     def prepare(path: str | os.PathLike[str]) -> None:
@@ -551,11 +614,14 @@ class OutputFile:
 class _ParquetOutput(OutputFile):
     """Rows gathered into row groups of ``PARQUET_ROW_GROUP`` (fewer for wide vectors)."""
 
-    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
-        super().__init__(path, dim, max_rows)
+    def __init__(
+        self, path: Path, dim: int, max_rows: int, metadata: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(path, dim, max_rows, metadata)
         self._pa, pq = _pyarrow()  # fail before creating anything
         self._schema = self._pa.schema(
-            [("id", self._pa.string()), ("embedding", self._pa.list_(self._pa.float32(), dim))]
+            [("id", self._pa.string()), ("embedding", self._pa.list_(self._pa.float32(), dim))],
+            metadata=None if metadata is None else {PARQUET_META_KEY: orjson.dumps(metadata)},
         )
         self._group = max(1, min(PARQUET_ROW_GROUP, _PARQUET_ROW_GROUP_BYTES // max(4 * dim, 1)))
         self._ids: list[str] = []
@@ -610,8 +676,10 @@ class _NpyOutput(OutputFile):
     (``open_memmap`` would map the whole array into the process, and every page it touches
     counts in RSS: 3 GB for 1M x 768.)"""
 
-    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
-        super().__init__(path, dim, max_rows)
+    def __init__(
+        self, path: Path, dim: int, max_rows: int, metadata: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(path, dim, max_rows, metadata)
         self._header_len = len(_npy_header(max_rows, dim))
         self._file = open(self._temp(path), "wb", buffering=1 << 20)  # noqa: SIM115
         self._ids = open(  # noqa: SIM115
@@ -659,8 +727,10 @@ def _npy_header(rows: int, dim: int, length: int | None = None) -> bytes:
 class _JsonlOutput(OutputFile):
     """One ``{"id": ..., "embedding": [...]}`` per line."""
 
-    def __init__(self, path: Path, dim: int, max_rows: int) -> None:
-        super().__init__(path, dim, max_rows)
+    def __init__(
+        self, path: Path, dim: int, max_rows: int, metadata: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(path, dim, max_rows, metadata)
         self._file = open(self._temp(path), "wb", buffering=1 << 20)  # noqa: SIM115
 
     def _write(self, ids: Sequence[str], vectors: np.ndarray) -> None:

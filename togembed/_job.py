@@ -7,7 +7,14 @@ Identical texts are sent once (a ``TextIndex`` in memory knows every stored text
 job loads it from the store); a vector cache shared between jobs skips what any job already
 paid for; inputs the server rejects for good are recorded as failures and the job goes on.
 The output file is written while the job runs, in input order (``OutputFollower``), to a temp
-file renamed into place only when every input is embedded or failed.
+file renamed into place only when every input is embedded or failed (an empty file when there
+is no row).
+
+An input that changed since the job started (appended to, edited, touched, another id field) is
+reconciled with the stored work by id and text before anything is sent (``JobStore.reconcile``):
+what was paid for is kept, only new or changed texts are sent. A job that stored nothing (it
+stopped on a bad record, found an empty input, or had its first request refused) leaves no job
+files behind, and job files that hold nothing are started afresh whatever the settings.
 
 The store lives in one writer thread, the output file in another: the event loop never waits
 on the disk, except when the writes fall behind (then it stops pulling new texts:
@@ -34,9 +41,8 @@ import orjson
 from ._batching import estimate_tokens
 from ._client import AsyncClient
 from ._corpus import OutputFile, RecordBlock, read_blocks, scan_records
-from ._exceptions import APIError
 from ._joboutput import OutputFollower
-from ._jobstore import JobStore, VectorCache, cache_key, job_path, text_hash
+from ._jobstore import JobStore, Reconciled, VectorCache, cache_key, job_path, text_hash
 from ._stream import TextBlocks
 from ._textindex import TextIndex
 
@@ -49,6 +55,10 @@ _BLOCKS_AHEAD = 2  # blocks read and looked up ahead of the one being sent
 _MAX_PENDING_WRITES = 4096  # vectors waiting for the writer thread before we stop pulling
 
 JobStatus = Literal["complete", "failures", "budget", "interrupted"]
+
+# Settings a job follows by reconciling its stored work (vectors depend on the model and the
+# text alone); any other change (the model) is refused once something was paid for.
+_RECONCILED = ("input", "input_size", "input_mtime_ns", "id_field", "text_field")
 
 
 def failures_path(output: str | os.PathLike[str]) -> Path:
@@ -85,6 +95,10 @@ class JobProgress:
     failed: int = 0  # this run, rejected for good
     tokens_sent: int = 0  # estimated
     started: float = attrs.field(factory=time.monotonic)
+    # The input changed since the job's last run: what changed (field -> (old, new)) and
+    # what the reconciliation made of it.
+    changes: dict[str, tuple[Any, Any]] = attrs.field(factory=dict)
+    reconciled: Reconciled | None = None
 
     @property
     def finished(self) -> int:
@@ -105,6 +119,7 @@ class JobResult:
     output: Path | None  # written, or None when the job is not complete
     failures: Path | None  # the failures file, if any input failed
     message: str = ""
+    rows: int = 0  # rows in the output written
 
 
 @attrs.frozen(eq=False)
@@ -206,8 +221,8 @@ class _Writer:
         """Record (pos, id, source pos) copies of stored rows (the sources must be committed)."""
         await self._record(JobStore.record_duplicates, copies)
 
-    async def record_failures(self, failures: list[tuple[int, str, str]]) -> None:
-        """Record (pos, id, reason) of inputs that failed for good."""
+    async def record_failures(self, failures: list[tuple[int, str, str, bytes]]) -> None:
+        """Record (pos, id, reason, text hash) of inputs that failed for good."""
         await self._record(JobStore.record_failures, failures)
 
     async def _record(self, method: Callable[[JobStore, Any], None], items: list[Any]) -> None:
@@ -240,6 +255,17 @@ class _Writer:
         self.pool.shutdown(wait=True)
 
 
+def output_metadata(opts: JobOptions) -> dict[str, Any]:
+    """How the output's vectors were made, kept in a Parquet output (``togembed search`` reads
+    it): the model, and where the texts are."""
+    return {
+        "model": opts.model,
+        "input": str(opts.input.resolve()),
+        "id_field": opts.id_field,
+        "text_field": opts.text_field,
+    }
+
+
 def _meta(opts: JobOptions) -> dict[str, Any]:
     """What the stored vectors depend on: a rerun with other values must not mix them in."""
     stat = opts.input.stat()
@@ -263,19 +289,17 @@ async def run_job(
     """Run (or resume) the job; ``stop`` set = send nothing new, finish what is in flight."""
     stop = stop or asyncio.Event()
     writer = _Writer()
-    api_error = discard = False
+    discard = False
     try:
         return await _Job(client, opts, writer, stop, on_progress).run()
-    except APIError:
-        api_error = True
-        raise
     finally:
         try:
             if writer.store is not None:
                 await asyncio.shield(writer.drain())  # raises if a commit failed
-                if api_error:  # e.g. a wrong model or key, refused at the first request
-                    counts = await writer.call(writer.store.counts)
-                    discard = counts.done == 0 and counts.failed == 0
+                # Nothing stored: a bad or empty input, a wrong model or key refused at the
+                # first request, a stop before the first answer. No job files stay behind.
+                counts = await writer.call(writer.store.counts)
+                discard = counts.done == 0 and counts.failed == 0
         finally:
             writer.close()  # whatever happened: threads stopped, temp output dropped, unlocked
         if discard:  # nothing paid for: the corrected command starts afresh, not a "mismatch"
@@ -347,9 +371,20 @@ class _Job:
         await w.call(OutputFile.prepare, opts.output)
         if opts.restart:
             JobStore.delete(path)
-        w.store = store = await w.call(JobStore.open, path, meta=_meta(opts))
+        w.store = store = await w.call(
+            JobStore.open,
+            path,
+            meta=_meta(opts),
+            changeable=_RECONCILED,
+            restart_if_unpaid=True,
+        )
         if opts.cache is not None:
             w.cache = await w.call(VectorCache.open, opts.cache)
+        if store.changed:  # the input changed: keep what was paid for, by text
+            p.changes = dict(store.changed)
+            p.reconciled = await w.call(
+                store.reconcile, self._hashed_blocks(), keep_ids=opts.id_field is not None
+            )
         if store.ids_total is None:  # first run: every id checked before anything is paid
             if opts.id_field is None:
                 # Line and row numbers cannot repeat: the pass only reads every record (a bad
@@ -371,7 +406,9 @@ class _Job:
         p.failed_before = len(failed)
         finished = done.copy()
         finished[list(failed)] = True
-        w.output = OutputFollower(store, opts.output, finished, w.pool.submit)
+        w.output = OutputFollower(
+            store, opts.output, finished, w.pool.submit, metadata=output_metadata(opts)
+        )
         await w.call(w.output.advance)  # a resumed job's earlier rows, step by step
         self.on_progress(p)
 
@@ -389,6 +426,12 @@ class _Job:
     def _id_pairs(self) -> Iterator[tuple[int, str]]:
         for block in self._blocks():
             yield from enumerate(block.ids, start=block.start)
+
+    def _hashed_blocks(self) -> Iterator[tuple[int, list[str], list[bytes]]]:
+        """The input's (first position, ids, text hashes), a block at a time: what
+        ``reconcile`` needs (run in the writer thread, off the event loop)."""
+        for block in self._blocks():
+            yield block.start, block.ids, [text_hash(t) for t in block.texts]
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -587,13 +630,13 @@ class _Job:
             if self.w.cache is not None:
                 pairs = [(key, rows[k]) for k, key in enumerate(ok_keys) if key is not None]
                 await self.w.call(self.w.cache.put_many, pairs)
-        failures = [(positions[k], ids[k], str(errors[start + k])) for k in bad]
+        failures = [(positions[k], ids[k], str(errors[start + k]), hashes[k]) for k in bad]
         copies: list[tuple[int, str, int]] = []
         if self.waiting:  # copies of these texts, read while they were in flight
             for k, pos in enumerate(positions):
                 for wpos, wid in self.waiting.pop(pos, ()):
                     if start + k in errors:
-                        failures.append((wpos, wid, str(errors[start + k])))
+                        failures.append((wpos, wid, str(errors[start + k]), hashes[k]))
                     else:
                         copies.append((wpos, wid, pos))
         if copies:
@@ -631,6 +674,7 @@ class _Job:
             p,
             written,
             fails if counts.failed else None,
+            rows=counts.done,
         )
 
 

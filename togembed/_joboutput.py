@@ -4,7 +4,8 @@ The job's answers arrive in input order, mostly as runs of consecutive positions
 stored texts, failures and a resumed job's earlier rows fill the gaps. ``OutputFollower`` keeps
 a cursor: whenever the positions from it on are finished, their rows go, in order, to a thread
 that encodes and writes them (``OutputFile``). Answers go from memory; the other rows are read
-back from the store. Nothing is published before the job is complete.
+back from the store. Nothing is published before the job is complete; a complete job always
+publishes its file, an empty one (the right columns, no rows) when no input has a vector.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import concurrent.futures
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,9 +49,12 @@ class OutputFollower:
         output: Path,
         finished: np.ndarray,
         schedule: Callable[[Callable[[], None]], object],
+        *,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         self.store = store
         self.output = output
+        self.metadata = metadata  # for the output file (OutputFile.create)
         self.finished = finished  # one bool per position
         self.cursor = 0  # positions before it are handed over
         self._schedule = schedule  # runs a function later in the store's thread
@@ -148,13 +153,17 @@ class OutputFollower:
     def _write(self, ids: list[str], vectors: np.ndarray) -> None:  # in the output thread
         if self._file is None:
             self._file = OutputFile.create(
-                self.output, dim=vectors.shape[1], max_rows=len(self.finished)
+                self.output,
+                dim=vectors.shape[1],
+                max_rows=len(self.finished),
+                metadata=self.metadata,
             )
         self._file.write(ids, vectors)
 
-    def commit(self, count: int) -> Path | None:
+    def commit(self, count: int) -> Path:
         """Every position is finished: write what is left, check that the file holds the
-        ``count`` stored rows, and move it into place (None: no rows, no file)."""
+        ``count`` stored rows, and move it into place. Without rows, an empty file (of the
+        job's dimension if known, else 0) so that a complete job always has its output."""
         if self._error is not None:
             raise self._error
         while self.cursor < len(self.finished):
@@ -163,17 +172,17 @@ class OutputFollower:
         self._closed = True
         while self._pending:
             self._pending.popleft().result()
-        file = self._file
-        if file is None and count == 0:
-            result = None
-        elif file is None:
+        if self._file is None and count:
             raise RuntimeError(f"{count} rows stored, none written; output not written")
-        else:
-            self._pool.submit(file.commit, count).result()
-            result = self.output
+        if self._file is None:
+            dim = self.store.dim or 0
+            self._file = self._pool.submit(
+                OutputFile.create, self.output, dim=dim, max_rows=0, metadata=self.metadata
+            ).result()
+        self._pool.submit(self._file.commit, count).result()
         self._ended = True
         self._pool.shutdown()
-        return result
+        return self.output
 
     def abort(self) -> None:
         """Drop the temp output (the job is not complete, or failed); nothing after commit."""

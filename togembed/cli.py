@@ -1,4 +1,4 @@
-"""The ``togembed`` command: embed a corpus file, resumably, with progress."""
+"""The ``togembed`` command: embed a corpus file, resumably, with progress; search an output."""
 
 from __future__ import annotations
 
@@ -27,10 +27,16 @@ from ._config import (
     resolve_api_key,
     resolve_base_url,
 )
-from ._corpus import INPUT_SUFFIXES, OUTPUT_SUFFIXES, read_records
+from ._corpus import (
+    INPUT_SUFFIXES,
+    OUTPUT_SUFFIXES,
+    CorpusError,
+    default_ids,
+    detect_id_field,
+)
 from ._exceptions import APIError, TogembedError
 from ._job import JobOptions, JobProgress, JobResult, run_job
-from ._jobstore import job_path
+from ._jobstore import DuplicateIdError, job_path
 
 # The server (aiohttp.web), the local model and the nearest-neighbour display are imported
 # where they are used: `togembed embed` against an API needs none of them.
@@ -38,10 +44,10 @@ from ._jobstore import job_path
 __all__ = ["main"]
 
 # Exit codes: what a script driving the command needs to decide what to do next.
-EXIT_OK = 0  # every input embedded, output written
+EXIT_OK = 0  # every input embedded (none, for an empty input), output written
 EXIT_API_ERROR = 1  # the API stopped the job (key, model, retries exhausted): fix, rerun
 EXIT_USAGE = 2  # bad arguments, unreadable input, job settings changed, no API key
-EXIT_FAILURES = 3  # done, output written, but some inputs failed for good (see failures file)
+EXIT_FAILURES = 3  # done, output written, but some (or all) inputs failed for good
 EXIT_BUDGET = 4  # --max-tokens / --deadline reached: rerun the same command to continue
 EXIT_INTERRUPTED = 130  # Ctrl-C: rerun the same command to continue
 
@@ -73,6 +79,10 @@ EMBED_HELP = f"""Embed every text of INPUT into OUTPUT.
 INPUT   {", ".join(INPUT_SUFFIXES)}  (.txt: one text per line, id = line number)
 OUTPUT  {", ".join(OUTPUT_SUFFIXES)}  (.parquet: columns id, embedding)
 
+Ids come from the records' 'id' field when they have one (the CSV header, the
+Parquet schema, the first JSONL record), else from --id-field, else they are line
+(Parquet: row) numbers; --no-id-field numbers the records even if they have an 'id'.
+
 \b
 Examples:
   togembed embed docs.jsonl -o vectors.parquet --model BAAI/bge-base-en-v1.5
@@ -82,12 +92,14 @@ Examples:
 The API key is read from TOGETHER_API_KEY. Progress is saved as it goes in
 OUTPUT.togembed-job.sqlite: if the job stops (Ctrl-C, a crash, a budget), run the
 same command again and it continues where it stopped, paying only for what was in
-flight. Inputs the server rejects for good are listed in OUTPUT.failures.jsonl;
---retry-failed tries them again.
+flight. If the input changed meanwhile (records added, edited, removed), the same
+command embeds only the new or changed texts. Inputs the server rejects for good
+are listed in OUTPUT.failures.jsonl; --retry-failed tries them again.
 
 \b
-Exit codes: 0 done; 1 API error (fix and rerun); 2 usage or input error;
-3 done with failed inputs; 4 budget reached (rerun to continue); 130 interrupted.
+Exit codes: 0 done, output written; 1 API error (fix and rerun); 2 usage or input
+error; 3 done with failed inputs (output written); 4 budget reached (rerun to
+continue); 130 interrupted.
 """
 
 
@@ -110,7 +122,16 @@ Exit codes: 0 done; 1 API error (fix and rerun); 2 usage or input error;
     multiple=True,
     help="When done, show the 5 nearest inputs to this text (repeatable).",
 )
-@click.option("--id-field", default=None, help="Id column/key (.jsonl/.csv/.parquet).")
+@click.option(
+    "--id-field",
+    default=None,
+    help="Id column/key (.jsonl/.csv/.parquet) [default: 'id' if the records have it].",
+)
+@click.option(
+    "--no-id-field",
+    is_flag=True,
+    help="Ids are line (Parquet: row) numbers, even if the records have an 'id' field.",
+)
 @click.option("--text-field", default="text", show_default=True, help="Text column/key.")
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -137,6 +158,7 @@ def embed_command(
     local: bool,
     query: tuple[str, ...],
     id_field: str | None,
+    no_id_field: bool,
     text_field: str,
     batch_size: int,
     concurrency: int,
@@ -158,22 +180,23 @@ def embed_command(
         raise click.BadParameter(f"must end in {', '.join(OUTPUT_SUFFIXES)}", param_hint="-o")
     if local and base_url:
         raise click.UsageError("--local runs its own server: leave out --base-url")
+    if id_field is not None and no_id_field:
+        raise click.UsageError("--id-field and --no-id-field exclude each other")
     if local:
         model = model or DEFAULT_LOCAL_MODEL
     elif not model:
         raise click.UsageError("Missing option '-m' / '--model' (or use --local).")
     url = resolve_base_url(base_url)
-    if not local and resolve_api_key(None) is None and not is_loopback_url(url):
-        click.echo(
-            f"error: no API key for {url}. Either\n"
-            "  - set your Together key and run the same command again:\n"
-            "        export TOGETHER_API_KEY=...   (https://api.together.ai/settings/api-keys)\n"
-            "  - or embed on this machine, offline, with a local model:\n"
-            "        pip install 'togembed[local]'   and add --local\n"
-            "  - or point --base-url at a Together-compatible server here (togembed serve).",
-            err=True,
-        )
+    if not local and not _has_key(url, base_url):
         sys.exit(EXIT_USAGE)
+    detected = False
+    if id_field is None and not no_id_field:
+        try:
+            id_field = detect_id_field(src)
+        except TogembedError as exc:  # e.g. a Parquet input without pyarrow
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        detected = id_field is not None
     opts = JobOptions(
         input=src,
         output=out,
@@ -201,9 +224,50 @@ def embed_command(
     gc.freeze()
     sys.exit(
         asyncio.run(
-            _embed(opts, client_kwargs, show_bar=show_bar, quiet=quiet, local=local, queries=query)
+            _embed(
+                opts,
+                client_kwargs,
+                show_bar=show_bar,
+                quiet=quiet,
+                local=local,
+                queries=query,
+                id_detected=detected,
+            )
         )
     )
+
+
+def _has_key(url: str, given: str | None = None) -> bool:
+    """True if ``url`` can be called: it is a well-formed base URL (``given``: what the user
+    passed, to say where a bad one came from), and a key is set or the server is on this
+    machine. Else say what is wrong and how to proceed."""
+    from ._config import base_url_source, check_base_url
+    from ._exceptions import InvalidBaseURLError
+
+    try:
+        check_base_url(url, source=base_url_source(given))
+    except InvalidBaseURLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return False
+    if resolve_api_key(None) is not None or is_loopback_url(url):
+        return True
+    click.echo(
+        f"error: no API key for {url}. Either\n"
+        "  - set your Together key and run the same command again:\n"
+        "        export TOGETHER_API_KEY=...   (https://api.together.ai/settings/api-keys)\n"
+        "  - or embed on this machine, offline, with a local model:\n"
+        "        pip install 'togembed[local]'   and add --local\n"
+        "  - or point --base-url at a Together-compatible server here (togembed serve).",
+        err=True,
+    )
+    return False
+
+
+def _ids_used(opts: JobOptions, *, detected: bool = False) -> str:
+    """Where the job's ids come from, in words: "ids: field 'id'" or "ids: line numbers"."""
+    if opts.id_field is None:
+        return f"ids: {default_ids(opts.input)}"
+    return f"ids: field {opts.id_field!r}" + (" (found in the input)" if detected else "")
 
 
 async def _embed(
@@ -214,6 +278,7 @@ async def _embed(
     quiet: bool,
     local: bool = False,
     queries: tuple[str, ...] = (),
+    id_detected: bool = False,
 ) -> int:
     stop = asyncio.Event()
     task = asyncio.current_task()
@@ -235,6 +300,13 @@ async def _embed(
         loop.add_signal_handler(signal.SIGINT, on_sigint)
         loop.add_signal_handler(signal.SIGTERM, on_sigint)
     display = _Display(show_bar=show_bar, quiet=quiet)
+    if not quiet:
+        hint = "; --no-id-field numbers the records instead" if id_detected else ""
+        click.echo(
+            f"embedding {opts.input} into {opts.output} with {opts.model} "
+            f"({_ids_used(opts, detected=id_detected)}{hint})",
+            err=True,
+        )
     try:
         async with contextlib.AsyncExitStack() as stack:
             if local:
@@ -251,12 +323,17 @@ async def _embed(
                 result = await run_job(client, opts, stop=stop, on_progress=display.update)
             except asyncio.CancelledError:
                 display.close()
-                click.echo(f"interrupted; progress saved in {job_path(opts.output)}", err=True)
+                saved = job_path(opts.output)
+                where = f"progress saved in {saved}" if saved.exists() else "nothing was saved"
+                click.echo(f"interrupted; {where}", err=True)
                 return EXIT_INTERRUPTED
             display.close()
             code = _summary(result, display, opts)
             if queries and result.output is not None:
-                await _show_nearest(client, opts, result.output, queries)
+                from ._nearest import TextSource
+
+                source = TextSource(opts.input, opts.id_field, opts.text_field)
+                await _show_nearest(client, opts.model, result.output, queries, source)
             return code
     except (APIError, OSError) as exc:  # OSError: e.g. the disk is full
         display.close()
@@ -273,29 +350,58 @@ async def _embed(
     except TogembedError as exc:
         display.close()
         click.echo(f"error: {exc}", err=True)
+        about_ids = isinstance(exc, DuplicateIdError) or (
+            isinstance(exc, CorpusError) and f"{opts.id_field!r}" in str(exc)
+        )
+        if id_detected and about_ids:
+            click.echo(
+                f"(ids are taken from the field {opts.id_field!r} found in the input; "
+                "--no-id-field numbers the records instead)",
+                err=True,
+            )
         return EXIT_USAGE
 
 
 async def _show_nearest(
-    client: AsyncClient, opts: JobOptions, output: Path, queries: tuple[str, ...], k: int = 5
+    client: AsyncClient,
+    model: str,
+    output: Path,
+    queries: tuple[str, ...],
+    source: Any = None,
+    k: int = 5,
+    loaded: tuple[list[str], Any] | None = None,
 ) -> None:
-    """Embed each query with the same client and print its nearest inputs (ids and texts)."""
-    from ._nearest import load_output, nearest
+    """Embed each query with ``client`` and print the ``k`` rows of ``output`` nearest to it:
+    score, id and, with a ``source`` (``_nearest.TextSource``), the text. The code behind
+    both ``embed --query`` and ``togembed search``. ``loaded``: ``load_output(output)``,
+    if the caller has it."""
+    from ._nearest import load_output, nearest, texts_of
 
-    ids, matrix = load_output(output)
-    vectors = await client.embed(list(queries), model=opts.model)
+    ids, matrix = loaded if loaded is not None else load_output(output)
+    vectors = await client.embed(list(queries), model=model)
+    if len(ids) and vectors.shape[1] != matrix.shape[1]:
+        raise TogembedError(
+            f"the queries' vectors have {vectors.shape[1]} dimensions, those of {output} "
+            f"{matrix.shape[1]}: {output} was made with another model than {model}; pass "
+            "--model with the one it was made with"
+        )
     hits = {q: nearest(matrix, v, k) for q, v in zip(queries, vectors, strict=True)}
     wanted = {ids[i] for found in hits.values() for i, _ in found}
-    texts = {
-        r.id: r.text
-        for r in read_records(opts.input, id_field=opts.id_field, text_field=opts.text_field)
-        if r.id in wanted
-    }
-    for q, found in hits.items():
-        click.echo(f"\nnearest to {q!r}:")
+    texts: dict[str, str] = {}
+    if source is not None and wanted:
+        try:
+            texts = texts_of(source, wanted)
+        except (TogembedError, OSError) as exc:
+            click.echo(f"texts not shown: {exc}", err=True)
+    for n, (q, found) in enumerate(hits.items()):
+        if n:
+            click.echo("")
+        click.echo(f"nearest to {q!r}:")
+        if not found:
+            click.echo(f"  (none: {output} has no rows)")
         for i, score in found:
             text = " ".join(texts.get(ids[i], "").split())
-            click.echo(f"  {score:.3f}  {ids[i]:<20} {text[:70]}")
+            click.echo(f"  {score:.3f}  {ids[i]:<20} {text[:70]}".rstrip())
 
 
 def _summary(result: JobResult, display: _Display, opts: JobOptions) -> int:
@@ -313,11 +419,15 @@ def _summary(result: JobResult, display: _Display, opts: JobOptions) -> int:
             f"{stats.requests:,} requests, {stats.retries:,} retries, {stats.rate_limited:,} "
             f"rate-limited, ~{p.tokens_sent:,} tokens sent"
         )
+    if p.reconciled is not None:
+        lines.append(_reconciled(p))
     if result.output is not None:
-        lines.append(f"wrote {result.output}")
-    elif result.status in ("complete", "failures"):  # no vector at all: no file to write
-        why = "the input has no records" if p.total == 0 else "every input failed"
-        lines.append(f"{opts.output} not written: {why}")
+        if result.rows:
+            rows = f"{result.rows:,} row{'s' if result.rows != 1 else ''}"
+        else:
+            why = "the input has no records" if p.total == 0 else "every input failed"
+            rows = f"no rows: {why}"
+        lines.append(f"wrote {result.output} ({rows}; {_ids_used(opts)})")
     if result.failures is not None:
         lines.append(f"failed inputs and reasons: {result.failures} (retry: --retry-failed)")
     code = {
@@ -327,12 +437,44 @@ def _summary(result: JobResult, display: _Display, opts: JobOptions) -> int:
         "interrupted": EXIT_INTERRUPTED,
     }[result.status]
     if result.status in ("budget", "interrupted"):
+        saved = job_path(opts.output)
+        where = f"progress: {saved}" if saved.exists() else "nothing was saved yet"
         lines.append(
             f"stopped ({'budget reached' if result.status == 'budget' else 'interrupted'}); "
-            f"run the same command again to continue (progress: {job_path(opts.output)})"
+            f"run the same command again to continue ({where})"
         )
     click.echo("\n".join(lines), err=True)
     return code
+
+
+def _reconciled(p: JobProgress) -> str:
+    """In words: what changed since the job's last run, and what was kept."""
+    r = p.reconciled
+    assert r is not None
+    changes = p.changes
+    why: list[str] = []
+    if "input" in changes:
+        why.append(f"another input file (the job was started with {changes['input'][0]})")
+    elif "input_size" in changes or "input_mtime_ns" in changes:
+        why.append("the input file was modified")
+
+    def ids(field: str | None) -> str:
+        return "line/row numbers" if field is None else f"field {field!r}"
+
+    if "id_field" in changes:
+        old, new = changes["id_field"]
+        why.append(f"ids from {ids(new)} instead of {ids(old)}")
+    if "text_field" in changes:
+        old, new = changes["text_field"]
+        why.append(f"texts from field {new!r} instead of {old!r}")
+    kept = f"{r.kept:,} already embedded kept"
+    if r.failed:
+        kept += f", {r.failed:,} failed before kept as failed"
+    return (
+        f"since the job's last run: {'; '.join(why) or 'its settings changed'}. Reconciled by "
+        f"id and text: {kept}, {r.to_embed:,} to embed (new, changed or not done yet), "
+        f"{r.gone:,} no longer in the input"
+    )
 
 
 class _Display:
@@ -347,10 +489,14 @@ class _Display:
         self.client: AsyncClient | None = None
         self.last_line = time.monotonic()
         self.last_finished = 0
+        self.told_reconciled = False
 
     def update(self, p: JobProgress) -> None:
         if self.quiet:
             return
+        if p.reconciled is not None and not self.told_reconciled:
+            self.told_reconciled = True
+            click.echo(_reconciled(p), err=True)
         stats = self.client.stats if self.client is not None else None
         post = {
             "tokens": f"{p.tokens_sent:,}",
@@ -389,6 +535,141 @@ class _Display:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# -- togembed search ------------------------------------------------------------------------------
+
+SEARCH_HELP = f"""Print the records of OUTPUT nearest to each QUERY.
+
+\b
+OUTPUT  a file written by togembed embed: {", ".join(OUTPUT_SUFFIXES)}
+        (.npy with its NAME.ids.txt beside it)
+
+Each query is embedded with the model OUTPUT was made with, read from a .parquet
+output's metadata or from the job file beside OUTPUT; --model where neither is
+there (or to override it). The texts are shown when the input file is known (the
+same places, or --input).
+
+\b
+Examples:
+  togembed search vectors.parquet "compress a file" "parse a date" -k 3
+  togembed search vectors.npy "compress a file" --local
+  togembed search v.jsonl "refunds" --model BAAI/bge-base-en-v1.5 --input docs.jsonl
+
+\b
+Exit codes: 0 done; 1 API error; 2 usage error (unknown output type, model unknown,
+no API key, a model other than the output's).
+"""
+
+
+@cli.command("search", help=SEARCH_HELP, no_args_is_help=True)
+@click.argument("output", metavar="OUTPUT", type=click.Path(exists=True, dir_okay=False))
+@click.argument("queries", metavar="QUERY...", nargs=-1, required=True)
+@click.option(
+    "-k", "k", default=5, show_default=True, type=click.IntRange(1), help="Hits per query."
+)
+@click.option("-m", "--model", help="Embedding model [default: the one OUTPUT was made with].")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False),
+    help="Input file with the texts [default: the one OUTPUT was made from].",
+)
+@click.option("--id-field", default=None, help="Id column/key of --input [default: as made].")
+@click.option("--no-id-field", is_flag=True, help="The ids of --input are line/row numbers.")
+@click.option("--text-field", default=None, help="Text column/key of --input [default: as made].")
+@click.option("--local", is_flag=True, help="Embed the queries with the local model (no key).")
+@click.option(
+    "--base-url", default=None, help="API root [default: $TOGETHER_BASE_URL or Together]."
+)
+def search_command(
+    output: str,
+    queries: tuple[str, ...],
+    k: int,
+    model: str | None,
+    input_path: str | None,
+    id_field: str | None,
+    no_id_field: bool,
+    text_field: str | None,
+    local: bool,
+    base_url: str | None,
+) -> None:
+    from ._nearest import TextSource, made_with
+
+    out = Path(output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise click.BadParameter(
+            f"{out.suffix or '(no suffix)'} is not a togembed output: must end in "
+            f"{', '.join(OUTPUT_SUFFIXES)}",
+            param_hint="OUTPUT",
+        )
+    if local and base_url:
+        raise click.UsageError("--local runs its own server: leave out --base-url")
+    if id_field is not None and no_id_field:
+        raise click.UsageError("--id-field and --no-id-field exclude each other")
+    try:
+        made = made_with(out)
+    except TogembedError as exc:  # e.g. a Parquet output without pyarrow
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    model = model or made.get("model") or (DEFAULT_LOCAL_MODEL if local else None)
+    if not model:
+        click.echo(
+            f"error: the model {out} was made with is not known (no job file beside it, and "
+            "no metadata in it: only .parquet outputs keep it); pass --model with that model",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    url = resolve_base_url(base_url)
+    if not local and not _has_key(url, base_url):
+        sys.exit(EXIT_USAGE)
+    source = None
+    src = Path(input_path) if input_path else None
+    if src is None and made.get("input"):
+        src = Path(made["input"])
+    if src is not None:
+        if id_field is None and not no_id_field:
+            id_field = made["id_field"] if "id_field" in made else _detect_quietly(src)
+        source = TextSource(src, id_field, text_field or made.get("text_field") or "text")
+    sys.exit(asyncio.run(_search(out, queries, k, model, source, base_url=url, local=local)))
+
+
+def _detect_quietly(src: Path) -> str | None:
+    """``detect_id_field``, or None where it cannot tell (the texts are then not shown)."""
+    try:
+        return detect_id_field(src)
+    except (TogembedError, OSError):
+        return None
+
+
+async def _search(
+    output: Path,
+    queries: tuple[str, ...],
+    k: int,
+    model: str,
+    source: Any,
+    *,
+    base_url: str,
+    local: bool,
+) -> int:
+    from ._nearest import load_output
+
+    try:
+        loaded = load_output(output)  # not an output: said before anything is sent
+        async with contextlib.AsyncExitStack() as stack:
+            if local:
+                from ._serve import local_server
+
+                base_url = await stack.enter_async_context(local_server(model))
+            client = await stack.enter_async_context(AsyncClient(base_url=base_url))
+            await _show_nearest(client, model, output, queries, source, k, loaded)
+    except (APIError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_API_ERROR
+    except TogembedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 SERVE_HELP = """Serve a local embedding model with Together's API: POST /v1/embeddings,
