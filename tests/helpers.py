@@ -10,8 +10,9 @@ from togembed.testing import FakeTogetherServer
 MakeServer = Callable[..., Awaitable[FakeTogetherServer]]
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds (generous:
+    only a bug gets near it, not a busy machine)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():

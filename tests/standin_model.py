@@ -26,7 +26,9 @@ def _pool(dim: int) -> np.ndarray:
 class StandInModel:
     """Words are tokens; a text's vector is seeded by the CRC32 of its first ``max_tokens``
     words, so truncation is visible. Per call, ``delay`` seconds of sleep and ``burn`` seconds
-    of hashing (one core busy, GIL released, as in a torch or onnx forward pass)."""
+    of hashing (one core busy, GIL released, as in a torch or onnx forward pass). With ``gate``,
+    each call takes one permit from it before answering: the test decides when calls finish,
+    instead of hoping a delay is long enough."""
 
     def __init__(
         self,
@@ -37,6 +39,7 @@ class StandInModel:
         delay: float = 0.0,
         burn: float = 0.0,
         fail_on: str | None = None,
+        gate: threading.Semaphore | None = None,
     ) -> None:
         self.name = name
         self.dim = dim
@@ -44,6 +47,7 @@ class StandInModel:
         self.delay = delay
         self.burn = burn
         self.fail_on = fail_on
+        self.gate = gate
         self.calls: list[list[str]] = []
         self.threads: set[int] = set()
         self.overlaps = 0
@@ -78,6 +82,8 @@ class StandInModel:
             self.calls.append(list(texts))
             self.threads.add(threading.get_ident())
             self.started.set()
+            if self.gate is not None and not self.gate.acquire(timeout=30):
+                raise RuntimeError("stand-in model: no permit to answer within 30 s")
             if self.fail_on is not None and any(self.fail_on in t for t in texts):
                 raise RuntimeError(f"stand-in model refuses {self.fail_on!r}")
             if self.delay:

@@ -75,6 +75,12 @@ class Server:
         with urllib.request.urlopen(req, timeout=10):
             pass
 
+    def add_faults(self, specs: Sequence[str]) -> None:
+        """Script faults for the next requests (``POST /faults``)."""
+        req = urllib.request.Request(f"{self.root}/faults", data=orjson.dumps(list(specs)))
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
@@ -303,10 +309,10 @@ async def test_rows_answered_during_a_commit_are_committed_without_waiting_for_m
         hashes = [text_hash(t) for t in "abc"]
         await writer.add_batch([0], ["a"], vectors[:1], hashes[:1])  # starts a commit
         await writer.add_batch([1, 2], ["b", "c"], vectors[1:], hashes[1:])  # queued behind it
-        for _ in range(100):
+        deadline = asyncio.get_running_loop().time() + 10  # generous: a bug never gets there
+        while (await writer.call(writer.store.counts)).done < 3:
+            assert asyncio.get_running_loop().time() < deadline, "rows 1-2 never committed"
             await asyncio.sleep(0.01)
-            if (await writer.call(writer.store.counts)).done == 3:
-                break
         assert (await writer.call(writer.store.counts)).done == 3
     finally:
         await writer.drain()
@@ -372,7 +378,14 @@ def test_a_second_ctrl_c_abandons_what_is_in_flight_and_keeps_what_was_saved(
     )
     try:
         wait_for_inputs(wave_server, proc, n // 3)
-        time.sleep(WAVE_LATENCY / 2)  # mid round trip, as in the SIGKILL test
+        # The next `conc` requests hang for a minute: once the server has them, they are what
+        # is in flight, and still are when the second Ctrl-C comes, however slow this machine.
+        wave_server.add_faults(["slow:60"] * conc)
+        deadline = time.monotonic() + 30
+        while wave_server.stats()["faults_pending"]:
+            assert proc.poll() is None, "the job ended before it could be stopped"
+            assert time.monotonic() < deadline, "the hanging requests never came"
+            time.sleep(0.005)
         proc.send_signal(signal.SIGINT)
         assert proc.stderr is not None
         # The start line (printed before the signal), a blank line, then the notice.
@@ -387,7 +400,7 @@ def test_a_second_ctrl_c_abandons_what_is_in_flight_and_keeps_what_was_saved(
     assert proc.returncode == 130, stderr
     assert "interrupted; progress saved in" in stderr
     assert "Traceback" not in stderr
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while (stats := wave_server.stats())["disconnects"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert stats["disconnects"] > 0  # the requests in flight were abandoned, not awaited

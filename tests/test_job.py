@@ -84,7 +84,13 @@ async def test_a_job_stopped_at_once_leaves_nothing_running(
 
 
 def job_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("togembed-")]
+    """togembed's threads still alive, but the cached local model's pool (it lives with the
+    process by design), so that the test does not depend on whether that ran first."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith("togembed-") and not t.name.startswith("togembed-local-model")
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".npy", ".jsonl"])
@@ -228,13 +234,12 @@ async def test_a_failed_commit_stops_the_job_instead_of_stalling_it(
     src.write_text("".join(f"text {k}\n" for k in range(500)), encoding="utf-8")
     out = tmp_path / "o.parquet"
     server = await make_server(latency=0.005)
-    started = time.monotonic()
     async with AsyncClient(base_url=server.base_url, batch_size=10, concurrency=2) as client:
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(OSError, match="No space left") as info:
             await asyncio.wait_for(
                 run_job(client, JobOptions(input=src, output=out, model="m")), timeout=20
             )
-    assert time.monotonic() - started < 10  # ended by the error, not by the timeout
+    assert info.value.errno == 28  # ended by the error, not by wait_for's TimeoutError
     assert not job_tasks() and not job_threads()
     assert not out.exists() and not (tmp_path / ".o.parquet.togembed-tmp").exists()
 

@@ -2,6 +2,10 @@
 real HTTP on loopback. Every test checks that the call completes with every row right and in
 order, and bounds the 429s it cost. Rates are high (50-100 requests/s) so the suite stays fast;
 retry waits are off (conftest), so the limiter's pacing is the only thing that keeps 429s away.
+
+The tests that bound how long pacing takes run on a virtual clock shared by the limiter and the
+server's buckets (``virtual_clock``): it moves only when the limiter waits, by what it waits, so
+"near the ideal time" is a property of the limiter's schedule, not of how busy the machine is.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
+import types
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -17,6 +22,7 @@ import pytest
 from helpers import MakeServer
 
 import togembed
+import togembed._fakeserver
 from togembed.testing import FakeTogetherServer, fake_embeddings
 
 T = TypeVar("T")
@@ -63,20 +69,57 @@ def limiter_of(client: togembed.AsyncClient) -> togembed.RateLimiter:
     return client.limiter
 
 
+class VirtualClock:
+    """Seconds that pass only when a :class:`VirtualTimeLimiter` waits."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class VirtualTimeLimiter(togembed.RateLimiter):
+    """A RateLimiter on ``clock`` whose paced waits take no real time: each moves the clock on
+    by what the limiter asked for. A wait for a release (no end) is a real one, as always."""
+
+    def __init__(self, clock: VirtualClock, rpm: float | None = None, tpm: float | None = None):
+        super().__init__(rpm=rpm, tpm=tpm, clock=clock)
+        self._virtual = clock
+
+    async def _sleep(self, seconds: float) -> None:
+        if math.isinf(seconds):
+            await super()._sleep(seconds)
+            return
+        self._virtual.now += max(seconds, 1e-9)  # always forward, even by a rounding error
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualClock]:
+    """The clock of the servers made after it (their token buckets) and of the limiters given
+    it: rates are then measured by both sides in the same, virtual, seconds."""
+    clock = VirtualClock()
+    fake_time = types.SimpleNamespace(**{**vars(time), "monotonic": clock})
+    monkeypatch.setattr(togembed._fakeserver, "time", fake_time)
+    yield clock
+
+
 # ---------------------------------------------------------------------------------------------
 # Configured pace
 
 
 async def test_configured_rpm_equal_to_the_servers_paces_without_429s_near_ideal_time(
-    make_server: MakeServer,
+    make_server: MakeServer, virtual_clock: VirtualClock
 ) -> None:
     rpm, n_requests, batch = 6000, 200, 5  # 100 requests/s, a 1 s burst of 100
     server = await make_server(rpm=rpm)
     items = texts(n_requests * batch)
-    async with client_for(server, rpm=rpm, batch_size=batch) as client:
-        start = time.monotonic()
+    limiter = VirtualTimeLimiter(virtual_clock, rpm=rpm)
+    async with client_for(server, limiter=limiter, batch_size=batch) as client:
+        start = virtual_clock()
         arr = await within(client.embed(items))
-        elapsed = time.monotonic() - start
+        elapsed = virtual_clock() - start
     assert_rows(arr, items)
     limited = count(server, 429)
     assert limited <= 0.02 * n_requests, f"{limited} 429s in {server.stats.requests} requests"
@@ -84,18 +127,21 @@ async def test_configured_rpm_equal_to_the_servers_paces_without_429s_near_ideal
     rate = rpm / 60
     ideal = (n_requests - rate * 1.0) / rate  # the burst goes at once, the rest at the rate
     assert elapsed <= 1.5 * ideal + 0.3, f"took {elapsed:.2f} s, ideal {ideal:.2f} s"
-    # and it really paced: sending 200 requests at once would have taken a few hundred ms
+    # and it really paced: sending all 200 at once would take no (virtual) time at all
     assert elapsed >= 0.9 * ideal, f"took {elapsed:.2f} s, ideal {ideal:.2f} s"
 
 
-async def test_nothing_configured_learns_the_limit_from_headers(make_server: MakeServer) -> None:
+async def test_nothing_configured_learns_the_limit_from_headers(
+    make_server: MakeServer, virtual_clock: VirtualClock
+) -> None:
     rpm, n_requests, batch = 3000, 100, 5  # 50 requests/s
     server = await make_server(rpm=rpm)
     items = texts(n_requests * batch)
-    async with client_for(server, batch_size=batch) as client:
-        start = time.monotonic()
+    limiter = VirtualTimeLimiter(virtual_clock)
+    async with client_for(server, limiter=limiter, batch_size=batch) as client:
+        start = virtual_clock()
         arr = await within(client.embed(items))
-        elapsed = time.monotonic() - start
+        elapsed = virtual_clock() - start
     assert_rows(arr, items)
     limited = count(server, 429)
     assert limited <= 0.10 * n_requests, f"{limited} 429s in {server.stats.requests} requests"
@@ -108,7 +154,7 @@ async def test_nothing_configured_learns_the_limit_from_headers(make_server: Mak
 
 
 async def test_token_limited_server_batches_are_cut_to_the_learned_token_bucket(
-    make_server: MakeServer,
+    make_server: MakeServer, virtual_clock: VirtualClock
 ) -> None:
     """20,000 tokens/s with a 1 s burst, texts of 101 tokens, batch_size=250 (25,250 tokens,
     more than the bucket holds). Nothing configured: the first answer teaches the token limit,
@@ -120,10 +166,11 @@ async def test_token_limited_server_batches_are_cut_to_the_learned_token_bucket(
     assert per_text == 101
     total = per_text * len(items)
     ideal = (total - tps) / tps  # 1.5 s
-    async with client_for(server, batch_size=250) as client:
-        start = time.monotonic()
-        arr = await within(client.embed(items), 2 * ideal + 1)
-        elapsed = time.monotonic() - start
+    limiter = VirtualTimeLimiter(virtual_clock)
+    async with client_for(server, limiter=limiter, batch_size=250) as client:
+        start = virtual_clock()
+        arr = await within(client.embed(items))
+        elapsed = virtual_clock() - start
     assert_rows(arr, items)
     log = server.stats.log
     sizes = [(r.n_inputs, r.status) for r in log]
@@ -138,7 +185,7 @@ async def test_token_limited_server_batches_are_cut_to_the_learned_token_bucket(
 
 
 async def test_learned_token_limit_keeps_its_unit_when_the_first_batch_nearly_drains_it(
-    make_server: MakeServer,
+    make_server: MakeServer, virtual_clock: VirtualClock
 ) -> None:
     """Together's ``x-tokenlimit-limit`` is per second. A first batch that leaves little in the
     bucket (here 19,493 of 20,000 tokens: remaining ~507) must not make the limiter read the
@@ -147,10 +194,11 @@ async def test_learned_token_limit_keeps_its_unit_when_the_first_batch_nearly_dr
     server = await make_server(tpm=tps * 60)
     items = texts(393, width=400)  # 101 tokens each; first batch 193 texts = 19,493 tokens
     ideal = (server_tokens(items[0]) * len(items) - tps) / tps  # ~1 s
-    async with client_for(server, batch_size=193) as client:
-        start = time.monotonic()
-        arr = await within(client.embed(items), 2 * ideal + 1)
-        elapsed = time.monotonic() - start
+    limiter = VirtualTimeLimiter(virtual_clock)
+    async with client_for(server, limiter=limiter, batch_size=193) as client:
+        start = virtual_clock()
+        arr = await within(client.embed(items))
+        elapsed = virtual_clock() - start
     assert_rows(arr, items)
     stats = limiter_of(client).stats
     assert stats.tpm is not None
@@ -159,17 +207,18 @@ async def test_learned_token_limit_keeps_its_unit_when_the_first_batch_nearly_dr
 
 
 async def test_token_limited_server_with_tpm_configured_never_sends_an_oversize_batch(
-    make_server: MakeServer,
+    make_server: MakeServer, virtual_clock: VirtualClock
 ) -> None:
     tps = 20_000
     server = await make_server(tpm=tps * 60)
     items = texts(400, width=400)
     per_text = server_tokens(items[0])
     ideal = (per_text * len(items) - tps) / tps  # ~1 s
-    async with client_for(server, tpm=tps * 60, batch_size=400) as client:
-        start = time.monotonic()
+    limiter = VirtualTimeLimiter(virtual_clock, tpm=tps * 60)
+    async with client_for(server, limiter=limiter, batch_size=400) as client:
+        start = virtual_clock()
         arr = await within(client.embed(items))
-        elapsed = time.monotonic() - start
+        elapsed = virtual_clock() - start
     assert_rows(arr, items)
     log = server.stats.log
     sizes = [r.n_inputs for r in log]
@@ -179,19 +228,19 @@ async def test_token_limited_server_with_tpm_configured_never_sends_an_oversize_
 
 
 async def test_two_clients_sharing_one_limiter_stay_under_the_servers_rpm(
-    make_server: MakeServer,
+    make_server: MakeServer, virtual_clock: VirtualClock
 ) -> None:
     rpm, batch = 6000, 5
     server = await make_server(rpm=rpm)
-    limiter = togembed.RateLimiter(rpm=rpm)
+    limiter = VirtualTimeLimiter(virtual_clock, rpm=rpm)
     a_items, b_items = texts(500, "a"), texts(500, "b")
     async with (
         client_for(server, limiter=limiter, batch_size=batch) as a,
         client_for(server, limiter=limiter, batch_size=batch) as b,
     ):
-        start = time.monotonic()
+        start = virtual_clock()
         a_arr, b_arr = await within(asyncio.gather(a.embed(a_items), b.embed(b_items)))
-        elapsed = time.monotonic() - start
+        elapsed = virtual_clock() - start
     assert_rows(a_arr, a_items)
     assert_rows(b_arr, b_items)
     n_requests = 200

@@ -200,9 +200,13 @@ async def test_slow_consumer_bounds_texts_pulled_ahead_to_the_window(
 ) -> None:
     source = Source(400)
     async with client_for(server, batch_size=10, concurrency=2) as client:
-        chunks = await consume(client.embed_stream(source, window=40), source, delay=0.003)
+        stream = client.embed_stream(source, window=40)
+        first = await anext(stream)
+        source.yielded += len(first.vectors)
+        await wait_until(lambda: source.max_ahead == 40)  # the window fills up...
+        chunks = [first, *await consume(stream, source, delay=0.003)]
     assert_exact(chunks, source.items())
-    assert source.max_ahead == 40  # the window filled up, and never more
+    assert source.max_ahead == 40  # ...and never more
 
 
 async def test_consumer_that_stops_consuming_stops_pulling_and_sending(
@@ -213,7 +217,11 @@ async def test_consumer_that_stops_consuming_stops_pulling_and_sending(
         stream = client.embed_stream(iter(source), window=40)
         first = await anext(stream)
         source.yielded += 10
-        await asyncio.sleep(0.2)  # the consumer is busy: the window fills, then all stops
+        # The consumer is busy: the window fills, its batches are answered...
+        await wait_until(
+            lambda: source.pulled >= 10 + 40 and server.stats.requests >= 5 and not server.in_flight
+        )
+        await asyncio.sleep(0.05)  # ...then all stops (a quiet spell: nothing more may happen)
         assert source.pulled == 10 + 40
         assert server.stats.requests == 5
         chunks = [first, *await consume(stream, source)]
