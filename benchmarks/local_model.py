@@ -135,7 +135,7 @@ def main() -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"\n{len(texts)} texts ({tokens or '?'} tokens), batch {args.batch_size}, "
+        f"\n{len(texts)} texts ({tokens or '?'} tokens), "
         f"best of {args.repeat}, {os.cpu_count()} CPUs, "
         f"load average {load_before:.2f} before, {load:.2f} at the end\n"
     )
