@@ -219,7 +219,7 @@ class LagMonitor:
 def count_wrong_rows(texts: list[str], arr: np.ndarray | None, dim: int) -> int | None:
     """Rows not bit-identical to what the fake server returns (None if not checkable)."""
     try:
-        from togembed._fakeserver import fake_embeddings
+        from togembed.server.fake import fake_embeddings
     except ImportError:
         return None
     if arr is None or arr.ndim != 2 or arr.shape[0] != len(texts):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from togembed._local_model import LOCAL_MODELS, LocalModelError, load_model
+from togembed.local.model import LOCAL_MODELS, LocalModelError, load_model
 
 _WORD_LIST = (
     "the of and to in is was for on that with as by at from his an were are which this be or "

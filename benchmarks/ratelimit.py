@@ -206,7 +206,7 @@ def client_main(args: argparse.Namespace) -> None:
 
 
 def start_server(flags: list[str]) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "togembed._fakeserver", "--dim", str(DIM), *flags]
+    cmd = [sys.executable, "-m", "togembed.server.fake", "--dim", str(DIM), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()

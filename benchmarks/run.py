@@ -85,10 +85,10 @@ def machine_info() -> dict[str, Any]:
 
 
 class FakeServer:
-    """`python -m togembed._fakeserver` in a subprocess; waits for its READY line."""
+    """`python -m togembed.server.fake` in a subprocess; waits for its READY line."""
 
     def __init__(self, args: list[str], startup_timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "togembed._fakeserver", "--host", "127.0.0.1", "--port", "0"]
+        cmd = [sys.executable, "-m", "togembed.server.fake", "--host", "127.0.0.1", "--port", "0"]
         self.proc = subprocess.Popen(
             cmd + args,
             stdout=subprocess.PIPE,

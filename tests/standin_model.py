@@ -1,4 +1,4 @@
-"""A tiny deterministic stand-in for ``togembed._local_model.LocalModel`` (same interface), so the
+"""A tiny deterministic stand-in for ``togembed.local.model.LocalModel`` (same interface), so the
 server's tests need no model download. It records how it was called: batch sizes, threads,
 overlapping calls."""
 

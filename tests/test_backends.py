@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestServer
 from standin_model import StandInModel
 
 import togembed
-from togembed._batching import estimate_tokens
-from togembed._limits_from_errors import MAX_REQUEST_TOKENS, StatedLimit, request_token_budget
-from togembed._serve import EmbeddingServer
+from togembed.core.batching import estimate_tokens
+from togembed.core.stated_limits import MAX_REQUEST_TOKENS, StatedLimit, request_token_budget
+from togembed.server.embedding_server import EmbeddingServer
 from togembed.testing import fake_embeddings
 
 DIM = 16

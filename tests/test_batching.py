@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from togembed import InvalidInputError
-from togembed._batching import (
+from togembed.core.batching import (
     Batch,
     estimate_tokens,
     find_invalid_input,

@@ -15,8 +15,8 @@ from apps import App, apps, embeddings, error
 from helpers import MakeServer
 
 import togembed
-from togembed._ratelimit import Feedback, RateLimiter, Ticket
-from togembed._transport import AiohttpTransport
+from togembed.core.ratelimit import Feedback, RateLimiter, Ticket
+from togembed.core.transport import AiohttpTransport
 from togembed.testing import FakeTogetherServer, fake_embeddings, serve_in_thread
 
 MODEL = "BAAI/bge-base-en-v1.5"

@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 
-from togembed import _corpus
 from togembed import cli as cli_module
-from togembed._corpus import npy_ids_path
-from togembed._job import _Writer, failures_path
-from togembed._jobstore import JobStore, job_path, text_hash
+from togembed.jobs import formats as _corpus
+from togembed.jobs.formats import npy_ids_path
+from togembed.jobs.job import _Writer, failures_path
+from togembed.jobs.store import JobStore, job_path, text_hash
 from togembed.testing import fake_embeddings
 
 DIM = 32
@@ -49,10 +49,10 @@ _CLEAN_ENV = {"TOGETHER_API_KEY": None, "TOGETHER_BASE_URL": None}
 
 
 class Server:
-    """``python -m togembed._fakeserver`` in a subprocess; ``stats()`` reads its GET /stats."""
+    """``python -m togembed.server.fake`` in a subprocess; ``stats()`` reads its GET /stats."""
 
     def __init__(self, *args: str, dim: int = DIM, latency: float = 0.0) -> None:
-        cmd = [sys.executable, "-m", "togembed._fakeserver", "--port", "0", "--dim", str(dim)]
+        cmd = [sys.executable, "-m", "togembed.server.fake", "--port", "0", "--dim", str(dim)]
         cmd += ["--latency", str(latency), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

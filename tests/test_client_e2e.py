@@ -18,7 +18,7 @@ import pytest
 from helpers import MakeServer, wait_until
 
 import togembed
-import togembed._retry
+import togembed.core.retry
 from togembed.testing import FakeTogetherServer, fake_embeddings, serve_in_thread
 
 T = TypeVar("T")
@@ -55,13 +55,13 @@ async def server(make_server: MakeServer) -> FakeTogetherServer:
 def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Every backoff delay the retry loop computes (waiting itself is off in tests)."""
     seen: list[float] = []
-    real = togembed._retry.backoff_delay
+    real = togembed.core.retry.backoff_delay
 
     def spy(*args: Any, **kwargs: Any) -> float:
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(togembed._retry, "backoff_delay", spy)
+    monkeypatch.setattr(togembed.core.retry, "backoff_delay", spy)
     return seen
 
 

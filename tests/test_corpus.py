@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from togembed import _corpus
-from togembed._corpus import (
+from togembed.core.errors import TogembedError
+from togembed.jobs import formats as _corpus
+from togembed.jobs.formats import (
     CorpusError,
     MissingDependencyError,
     OutputFile,
@@ -28,7 +29,6 @@ from togembed._corpus import (
     scan_records,
     write_output,
 )
-from togembed._exceptions import TogembedError
 
 
 def write(path: Path, data: str | bytes) -> Path:

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
-from togembed._fakeserver import POOL_ROWS, FaultQueue
+from togembed.server.fake import POOL_ROWS, FaultQueue
 from togembed.testing import FakeTogetherServer, Fault, fake_embedding, fake_embeddings
 
 
@@ -55,7 +55,7 @@ async def test_both_wire_forms_carry_exactly_fake_embeddings(fmt: str) -> None:
 
 async def test_cli_prints_ready_and_takes_faults_over_http() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "togembed._fakeserver", "--port", "0", "--dim", "8"],
+        [sys.executable, "-m", "togembed.server.fake", "--port", "0", "--dim", "8"],
         stdout=subprocess.PIPE,
         text=True,
     )

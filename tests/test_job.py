@@ -18,10 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import MakeServer
 
-from togembed import AsyncClient, _job, _joboutput
-from togembed._corpus import CorpusError, npy_ids_path
-from togembed._job import JobOptions, run_job
-from togembed._jobstore import JobStore, job_path
+from togembed import AsyncClient
+from togembed.jobs import job as _job
+from togembed.jobs import output as _joboutput
+from togembed.jobs.formats import CorpusError, npy_ids_path
+from togembed.jobs.job import JobOptions, run_job
+from togembed.jobs.store import JobStore, job_path
 from togembed.testing import fake_embeddings
 
 DIM = 16

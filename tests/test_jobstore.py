@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from togembed import _jobstore
-from togembed._corpus import write_output
-from togembed._jobstore import (
+from togembed.jobs import store as _jobstore
+from togembed.jobs.formats import write_output
+from togembed.jobs.store import (
     DuplicateIdError,
     JobCounts,
     JobLockedError,
@@ -499,7 +499,7 @@ def test_failures_of_a_format_3_file_get_their_hash_column(path: Path) -> None:
 RECONCILE_CHILD = textwrap.dedent(
     """
     import sys
-    from togembed._jobstore import JobStore, text_hash
+    from togembed.jobs.store import JobStore, text_hash
 
     store = JobStore.open(sys.argv[1], meta={"model": "m", "v": 2}, changeable=("v",))
     point = sys.argv[2]
@@ -755,7 +755,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from togembed._jobstore import JobStore, text_hash
+    from togembed.jobs.store import JobStore, text_hash
 
     B, D, DUP = 1024, 384, 1 << 22
     store = JobStore.open(sys.argv[1], meta={"model": "m"}, synchronous=sys.argv[2])

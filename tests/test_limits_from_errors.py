@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from togembed._limits_from_errors import (
+from togembed.core.protocol import error_from_response
+from togembed.core.stated_limits import (
     MAX_INPUT_CHARS,
     MAX_INPUT_TOKENS,
     MAX_INPUTS,
@@ -15,7 +16,6 @@ from togembed._limits_from_errors import (
     limit_from_message,
     request_token_budget,
 )
-from togembed._protocol import error_from_response
 
 # (message as the server sends it, kind, limit, the refused amount where the message says it)
 REAL_WORDINGS = [

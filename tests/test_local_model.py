@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import togembed
-from togembed import _local_model as lm
+from togembed.local import model as lm
 
 DATA = Path(__file__).parent / "data" / "minilm_reference.npz"
 INT8 = "sentence-transformers/all-MiniLM-L6-v2-int8"

@@ -11,7 +11,7 @@ import pytest
 from multidict import CIMultiDict
 
 import togembed
-from togembed._protocol import (
+from togembed.core.protocol import (
     decode_embeddings,
     encode_request,
     error_from_response,

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from togembed._ratelimit import (
+from togembed.core.ratelimit import (
     Feedback,
     Pacer,
     RateLimiter,

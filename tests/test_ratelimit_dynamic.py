@@ -13,7 +13,7 @@ import pytest
 from helpers import MakeServer
 
 import togembed
-from togembed._ratelimit import Feedback, Pacer, parse_limit_headers
+from togembed.core.ratelimit import Feedback, Pacer, parse_limit_headers
 from togembed.testing import fake_embeddings
 
 OK = Feedback(status=200)

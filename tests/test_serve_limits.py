@@ -19,8 +19,8 @@ import pytest
 from helpers import wait_until
 from standin_model import StandInModel
 
-from togembed._listen import ListenError
-from togembed._serve import EmbeddingServer
+from togembed.server.embedding_server import EmbeddingServer
+from togembed.server.listen import ListenError
 
 MODEL = "test/stand-in-mini"
 # Generous: a test fails after this long only if the server never closes a connection.

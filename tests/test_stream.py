@@ -16,7 +16,7 @@ import pytest
 from helpers import MakeServer, wait_until
 
 import togembed
-from togembed._batching import estimate_tokens
+from togembed.core.batching import estimate_tokens
 from togembed.testing import FakeTogetherServer, fake_embeddings
 
 MODEL = "BAAI/bge-base-en-v1.5"

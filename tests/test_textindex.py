@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from togembed import _textindex
-from togembed._jobstore import text_hash
-from togembed._textindex import TextIndex
+from togembed.jobs import textindex as _textindex
+from togembed.jobs.store import text_hash
+from togembed.jobs.textindex import TextIndex
 
 
 def test_lookup_agrees_with_a_dict_across_merges(monkeypatch: pytest.MonkeyPatch) -> None:

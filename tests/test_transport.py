@@ -11,7 +11,7 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 
 import togembed
-from togembed._transport import AiohttpTransport
+from togembed.core.transport import AiohttpTransport
 
 URL = "https://api.example.test/v1"
 

@@ -6,8 +6,12 @@ vectors in input order, as Together's response shape or as one float32 numpy arr
 
 import logging
 
-from ._client import AsyncClient, AsyncEmbeddings
-from ._config import (
+from ._version import __version__
+from .api.async_client import AsyncClient, AsyncEmbeddings
+from .api.models import AsyncModels, Model, ModelList
+from .api.sync_client import Client, Embeddings, Models
+from .core.call import ClientStats
+from .core.config import (
     DEFAULT_BASE_URL,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -17,7 +21,7 @@ from ._config import (
     DEFAULT_TIMEOUT,
     RetryPolicy,
 )
-from ._exceptions import (
+from .core.errors import (
     APIConnectionError,
     APIError,
     APIResponseValidationError,
@@ -39,14 +43,10 @@ from ._exceptions import (
     TooManyRedirectsError,
     UnprocessableEntityError,
 )
-from ._models import AsyncModels, Model, ModelList
-from ._ratelimit import Feedback, Limiter, RateLimiter, RateLimiterStats, Ticket
-from ._runner import ClientStats
-from ._stream import EmbeddingChunk
-from ._sync import Client, Embeddings, Models
-from ._transport import Response, Transport
-from ._types import Embedding, EmbeddingResponse, Usage
-from ._version import __version__
+from .core.ratelimit import Feedback, Limiter, RateLimiter, RateLimiterStats, Ticket
+from .core.stream import EmbeddingChunk
+from .core.transport import Response, Transport
+from .core.types import Embedding, EmbeddingResponse, Usage
 
 # A library never configures logging; applications decide where "togembed" records go.
 logging.getLogger("togembed").addHandler(logging.NullHandler())

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from ._fakeserver import FakeTogetherServer
-from ._retry import backoff_disabled
+from .core.retry import backoff_disabled
+from .server.fake import FakeTogetherServer
 from .testing import serve_in_thread
 
 

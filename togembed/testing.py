@@ -14,8 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ._fakeserver import FakeTogetherServer, Fault, fake_embedding, fake_embeddings
-from ._retry import backoff_disabled, set_backoff_enabled
+from .core.retry import backoff_disabled, set_backoff_enabled
+from .server.fake import FakeTogetherServer, Fault, fake_embedding, fake_embeddings
 
 __all__ = [
     "Fault",

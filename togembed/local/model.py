@@ -29,8 +29,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from ._config import DEFAULT_LOCAL_MODEL
-from ._exceptions import InvalidInputError, TogembedError
+from ..core.config import DEFAULT_LOCAL_MODEL
+from ..core.errors import InvalidInputError, TogembedError
 
 __all__ = [
     "DEFAULT_LOCAL_MODEL",

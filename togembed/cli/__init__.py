@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from ._client import AsyncClient
-from ._config import (
+from ..api.async_client import AsyncClient
+from ..core.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_HOST,
@@ -27,16 +27,16 @@ from ._config import (
     resolve_api_key,
     resolve_base_url,
 )
-from ._corpus import (
+from ..core.errors import APIError, TogembedError
+from ..jobs.formats import (
     INPUT_SUFFIXES,
     OUTPUT_SUFFIXES,
     CorpusError,
     default_ids,
     detect_id_field,
 )
-from ._exceptions import APIError, TogembedError
-from ._job import JobOptions, JobProgress, JobResult, run_job
-from ._jobstore import DuplicateIdError, job_path
+from ..jobs.job import JobOptions, JobProgress, JobResult, run_job
+from ..jobs.store import DuplicateIdError, job_path
 
 # The server (aiohttp.web), the local model and the nearest-neighbour display are imported
 # where they are used: `togembed embed` against an API needs none of them.
@@ -241,8 +241,8 @@ def _has_key(url: str, given: str | None = None) -> bool:
     """True if ``url`` can be called: it is a well-formed base URL (``given``: what the user
     passed, to say where a bad one came from), and a key is set or the server is on this
     machine. Else say what is wrong and how to proceed."""
-    from ._config import base_url_source, check_base_url
-    from ._exceptions import InvalidBaseURLError
+    from ..core.config import base_url_source, check_base_url
+    from ..core.errors import InvalidBaseURLError
 
     try:
         check_base_url(url, source=base_url_source(given))
@@ -312,7 +312,7 @@ async def _embed(
             if local:
                 if not quiet:
                     click.echo(f"starting a local server for {opts.model} ...", err=True)
-                from ._serve import local_server
+                from ..server.embedding_server import local_server
 
                 client_kwargs["base_url"] = await stack.enter_async_context(
                     local_server(opts.model)
@@ -330,7 +330,7 @@ async def _embed(
             display.close()
             code = _summary(result, display, opts)
             if queries and result.output is not None:
-                from ._nearest import TextSource
+                from ..jobs.nearest import TextSource
 
                 source = TextSource(opts.input, opts.id_field, opts.text_field)
                 await _show_nearest(client, opts.model, result.output, queries, source)
@@ -375,7 +375,7 @@ async def _show_nearest(
     score, id and, with a ``source`` (``_nearest.TextSource``), the text. The code behind
     both ``embed --query`` and ``togembed search``. ``loaded``: ``load_output(output)``,
     if the caller has it."""
-    from ._nearest import load_output, nearest, texts_of
+    from ..jobs.nearest import load_output, nearest, texts_of
 
     ids, matrix = loaded if loaded is not None else load_output(output)
     vectors = await client.embed(list(queries), model=model)
@@ -594,7 +594,7 @@ def search_command(
     local: bool,
     base_url: str | None,
 ) -> None:
-    from ._nearest import TextSource, made_with
+    from ..jobs.nearest import TextSource, made_with
 
     out = Path(output)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -652,13 +652,13 @@ async def _search(
     base_url: str,
     local: bool,
 ) -> int:
-    from ._nearest import load_output
+    from ..jobs.nearest import load_output
 
     try:
         loaded = load_output(output)  # not an output: said before anything is sent
         async with contextlib.AsyncExitStack() as stack:
             if local:
-                from ._serve import local_server
+                from ..server.embedding_server import local_server
 
                 base_url = await stack.enter_async_context(local_server(model))
             client = await stack.enter_async_context(AsyncClient(base_url=base_url))
@@ -774,7 +774,7 @@ def serve_command(
     max_connections: int,
     access_log: bool,
 ) -> None:
-    from ._serve import ListenError, serve
+    from ..server.embedding_server import ListenError, serve
 
     if access_log:
         log = logging.getLogger("togembed.access")
@@ -826,8 +826,8 @@ def models_command(base_url: str | None, show_all: bool) -> None:
       togembed models --base-url https://api-inference.together.ai/v1
       togembed models --base-url http://127.0.0.1:8000/v1 --all
     """
-    from ._config import base_url_source, check_base_url
-    from ._exceptions import InvalidBaseURLError
+    from ..core.config import base_url_source, check_base_url
+    from ..core.errors import InvalidBaseURLError
 
     url = resolve_base_url(base_url)
     try:

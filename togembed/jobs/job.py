@@ -38,13 +38,13 @@ import attrs
 import numpy as np
 import orjson
 
-from ._batching import estimate_tokens
-from ._client import AsyncClient
-from ._corpus import OutputFile, RecordBlock, read_blocks, scan_records
-from ._joboutput import OutputFollower
-from ._jobstore import JobStore, Reconciled, VectorCache, cache_key, job_path, text_hash
-from ._stream import TextBlocks
-from ._textindex import TextIndex
+from ..api.async_client import AsyncClient
+from ..core.batching import estimate_tokens
+from ..core.stream import TextBlocks
+from .formats import OutputFile, RecordBlock, read_blocks, scan_records
+from .output import OutputFollower
+from .store import JobStore, Reconciled, VectorCache, cache_key, job_path, text_hash
+from .textindex import TextIndex
 
 __all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
 

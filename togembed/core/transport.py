@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import aiohttp
 import attrs
 
-from ._exceptions import APIConnectionError, APITimeoutError, TooManyRedirectsError
+from .errors import APIConnectionError, APITimeoutError, TooManyRedirectsError
 
 __all__ = ["AiohttpTransport", "Response", "Transport"]
 

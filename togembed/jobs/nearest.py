@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 import orjson
 
-from ._corpus import (
+from .formats import (
     OUTPUT_SUFFIXES,
     PARQUET_META_KEY,
     CorpusError,
@@ -25,7 +25,7 @@ from ._corpus import (
     npy_ids_path,
     read_records,
 )
-from ._jobstore import job_path
+from .store import job_path
 
 __all__ = ["TextSource", "load_output", "made_with", "nearest", "texts_of"]
 

@@ -16,16 +16,26 @@ from urllib.parse import urlencode
 import attrs
 import numpy as np
 
-from ._batching import Batch, plan_batches, split_batch
-from ._config import EncodingFormat, RetryPolicy
-from ._exceptions import (
+from .batching import Batch, plan_batches, split_batch
+from .config import EncodingFormat, RetryPolicy
+from .errors import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
     DimensionsNotSupportedError,
     ModelNotAvailableError,
 )
-from ._limits_from_errors import (
+from .protocol import (
+    DecodedBatch,
+    decode_embeddings,
+    encode_request,
+    error_from_response,
+    rejected_arguments,
+    request_id_of,
+)
+from .ratelimit import Feedback, Limiter
+from .retry import call_with_retries
+from .stated_limits import (
     MAX_INPUT_CHARS,
     MAX_INPUT_TOKENS,
     MAX_INPUTS,
@@ -34,18 +44,8 @@ from ._limits_from_errors import (
     limit_from_message,
     request_token_budget,
 )
-from ._protocol import (
-    DecodedBatch,
-    decode_embeddings,
-    encode_request,
-    error_from_response,
-    rejected_arguments,
-    request_id_of,
-)
-from ._ratelimit import Feedback, Limiter
-from ._retry import call_with_retries
-from ._transport import Transport
-from ._types import Embedding, EmbeddingResponse, Usage
+from .transport import Transport
+from .types import Embedding, EmbeddingResponse, Usage
 
 __all__ = [
     "Abort",

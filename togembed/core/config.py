@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from ._exceptions import InvalidBaseURLError
+from .errors import InvalidBaseURLError
 
 __all__ = [
     "DEFAULT_BASE_URL",

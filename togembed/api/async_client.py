@@ -13,8 +13,18 @@ import aiohttp
 import attrs
 import numpy as np
 
-from ._batching import find_invalid_input, invalid_input_error, normalize_input
-from ._config import (
+from .._version import __version__
+from ..core.batching import find_invalid_input, invalid_input_error, normalize_input
+from ..core.call import (
+    ArraySink,
+    CallOptions,
+    CallSettings,
+    ClientStats,
+    ListSink,
+    Sink,
+    run_call,
+)
+from ..core.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_ENCODING_FORMAT,
@@ -29,22 +39,12 @@ from ._config import (
     resolve_api_key,
     resolve_base_url,
 )
-from ._exceptions import InvalidModelError, MissingAPIKeyError
-from ._models import AsyncModels
-from ._ratelimit import Limiter, RateLimiter
-from ._runner import (
-    ArraySink,
-    CallOptions,
-    CallSettings,
-    ClientStats,
-    ListSink,
-    Sink,
-    run_call,
-)
-from ._stream import EmbeddingChunk, EmbeddingStream, TextBlocks
-from ._transport import AiohttpTransport, Transport
-from ._types import EmbeddingResponse
-from ._version import __version__
+from ..core.errors import InvalidModelError, MissingAPIKeyError
+from ..core.ratelimit import Limiter, RateLimiter
+from ..core.stream import EmbeddingChunk, EmbeddingStream, TextBlocks
+from ..core.transport import AiohttpTransport, Transport
+from ..core.types import EmbeddingResponse
+from .models import AsyncModels
 
 __all__ = ["AsyncClient", "AsyncEmbeddings"]
 

@@ -23,8 +23,8 @@ from typing import TypeVar
 
 import tenacity
 
-from ._config import RetryPolicy
-from ._exceptions import (
+from .config import RetryPolicy
+from .errors import (
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,

@@ -15,13 +15,13 @@ import attrs
 import numpy as np
 import orjson
 
-from ._exceptions import (
+from .errors import (
     APIResponseValidationError,
     APIStatusError,
     ModelNotAvailableError,
     status_error_class,
 )
-from ._types import Embedding, Usage
+from .types import Embedding, Usage
 
 __all__ = [
     "DecodedBatch",

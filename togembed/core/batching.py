@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
 
-from ._exceptions import InvalidInputError
+from .errors import InvalidInputError
 
 __all__ = [
     "Batch",

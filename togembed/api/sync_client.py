@@ -13,11 +13,11 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from ._client import AsyncClient
-from ._config import EncodingFormat
-from ._models import ModelList
-from ._stream import EmbeddingChunk
-from ._types import EmbeddingResponse
+from ..core.config import EncodingFormat
+from ..core.stream import EmbeddingChunk
+from ..core.types import EmbeddingResponse
+from .async_client import AsyncClient
+from .models import ModelList
 
 __all__ = ["Client", "Embeddings", "Models"]
 

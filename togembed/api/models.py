@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, overload
 import attrs
 import orjson
 
-from ._exceptions import APIResponseValidationError, APITimeoutError
-from ._protocol import error_from_response, redact, request_id_of
-from ._retry import call_with_retries
-from ._types import _Serializable
+from ..core.errors import APIResponseValidationError, APITimeoutError
+from ..core.protocol import error_from_response, redact, request_id_of
+from ..core.retry import call_with_retries
+from ..core.types import _Serializable
 
 if TYPE_CHECKING:
-    from ._client import AsyncClient
+    from .async_client import AsyncClient
 
 __all__ = ["AsyncModels", "Model", "ModelList", "parse_models"]
 

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-from ._retry import backoff_enabled
+from .retry import backoff_enabled
 
 __all__ = [
     "Feedback",

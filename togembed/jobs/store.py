@@ -89,7 +89,7 @@ import attrs
 import numpy as np
 import orjson
 
-from ._exceptions import TogembedError
+from ..core.errors import TogembedError
 
 __all__ = [
     "DuplicateIdError",
@@ -606,7 +606,7 @@ class JobStore:
 
         Cost: a ``TextIndex`` of the stored texts in memory (24 bytes each), and about 15 s
         per million records on this project's 2-core VM (reading the input aside)."""
-        from ._textindex import TextIndex  # the job's dedup index, here text hash -> row
+        from .textindex import TextIndex  # the job's dedup index, here text hash -> row
 
         stored = TextIndex()
         for hashes, rows in self._iter_column_pairs("hash", "row"):
