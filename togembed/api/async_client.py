@@ -15,15 +15,7 @@ import numpy as np
 
 from .._version import __version__
 from ..core.batching import find_invalid_input, invalid_input_error, normalize_input
-from ..core.call import (
-    ArraySink,
-    CallOptions,
-    CallSettings,
-    ClientStats,
-    ListSink,
-    Sink,
-    run_call,
-)
+from ..core.call import run_call
 from ..core.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -40,7 +32,10 @@ from ..core.config import (
     resolve_base_url,
 )
 from ..core.errors import InvalidModelError, MissingAPIKeyError
-from ..core.ratelimit import Limiter, RateLimiter
+from ..core.limiter import Limiter
+from ..core.ratelimit import RateLimiter
+from ..core.settings import CallOptions, CallSettings, ClientStats
+from ..core.sinks import ArraySink, ListSink, Sink
 from ..core.stream import EmbeddingChunk, EmbeddingStream, TextBlocks
 from ..core.transport import AiohttpTransport, Transport
 from ..core.types import EmbeddingResponse
