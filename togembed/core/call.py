@@ -128,7 +128,8 @@ class _Call:
             )
         return DeadlineExceededError(
             f"the call cannot be sent within its timeout of {timeout:g} s: the expected wait "
-            f"at the rate limit is {wait:.3g} s; nothing was sent",
+            f"at the rate limit is {wait:.3g} s ({self.s.stats.waiting} calls waiting); "
+            "nothing was sent",
             expected_wait=wait,
         )
 
@@ -169,6 +170,8 @@ class _Call:
                         )
                     except SendAlone:
                         pass  # refused with other calls' texts: this batch goes alone
+                    except DeadlineExceededError as exc:  # said in the call's words
+                        raise self._deadline_error(exc.expected_wait) from None
                     else:
                         if self.dim is not None and decoded.dim != self.dim:
                             raise APIResponseValidationError(

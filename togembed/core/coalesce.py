@@ -142,7 +142,7 @@ class Coalescer:
         """Queue ``texts`` for the next request of ``shape`` and wait for their rows."""
         s = self.s
         if self._closed:
-            raise APIConnectionError("the client is closed")
+            raise RuntimeError("this togembed client is closed")
         q = self._queues.get(shape.key)
         if q is None:
             q = self._queues[shape.key] = _Queue(shape)
@@ -169,13 +169,18 @@ class Coalescer:
                 self._unqueue(q, part)
 
     async def aclose(self) -> None:
-        """Fail whatever waits and cancel what is in flight (the client is closing)."""
+        """Fail whatever waits and cancel what is in flight (the client is closing), from the
+        client's own event loop or from another one."""
         self._closed = True
         tasks = [q.pump for q in self._queues.values() if q.pump is not None]
         tasks += self._tasks
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        owner = tasks[0].get_loop()
+        if owner is asyncio.get_running_loop():
+            await _cancel(tasks)
+        elif owner.is_running():  # in another thread
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel(tasks), owner))
 
     # -- the pump ---------------------------------------------------------------------------
 
@@ -276,7 +281,7 @@ class Coalescer:
         wait = expected_wait(s.limiter, ahead)
         left = deadline - time.monotonic()
         if wait + (s.fastest_answer or 0.0) > left:
-            raise _deadline_error(wait, waiting=s.stats.waiting, left=left)
+            raise _deadline_error(wait)
 
     # -- one shared request -----------------------------------------------------------------
 
@@ -353,17 +358,9 @@ def _usage_shares(usage: Usage | None, parts: list[_Part]) -> list[Usage | None]
     return shares
 
 
-def _deadline_error(
-    wait: float | None, *, waiting: int | None = None, left: float | None = None
-) -> DeadlineExceededError:
-    if wait is None:
-        message = "the call's timeout passed while it waited for the rate limit; nothing was sent"
-    else:
-        message = (
-            f"the call cannot be sent within its timeout ({left:.3g} s left): {waiting} calls "
-            f"wait at the rate limit, an expected wait of {wait:.3g} s; nothing was sent"
-        )
-    return DeadlineExceededError(message, expected_wait=wait)
+def _deadline_error(wait: float | None) -> DeadlineExceededError:
+    """The call re-raises it in its own words (with its timeout)."""
+    return DeadlineExceededError("deadline", expected_wait=wait)
 
 
 def _expire(part: _Part) -> None:
@@ -373,6 +370,12 @@ def _expire(part: _Part) -> None:
             part.future.set_exception(APITimeoutError("the call did not finish within its timeout"))
         else:
             part.future.set_exception(_deadline_error(None))
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _wake(future: asyncio.Future[None]) -> None:

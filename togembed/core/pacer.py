@@ -142,6 +142,16 @@ class Pacer:
             wait = max(wait, self.tokens.wait(now, tokens))
         return wait
 
+    def expected_wait(self, now: float, requests: int) -> float:
+        """Seconds until ``requests`` more requests could have gone at the current pace."""
+        wait = max(0.0, self.paused_until - now)
+        bucket = self.requests
+        if bucket is not None:
+            bucket.refill(now)
+            if bucket.level < requests:
+                wait = max(wait, (requests - bucket.level) / bucket.rate)
+        return wait
+
     def take(self, now: float, tokens: int) -> Ticket:
         if self.requests is not None:
             self.requests.take(1)

@@ -50,6 +50,7 @@ class RateLimiter:
             rpm=rpm, tpm=tpm, burst=burst, adaptive=adaptive, max_pause=max_pause, now=clock()
         )
         self._lock = asyncio.Lock()
+        self._waiting = 0  # tasks inside acquire()
         self._wakeup: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
@@ -65,12 +66,33 @@ class RateLimiter:
 
     async def acquire(self, tokens: int) -> Ticket:
         # The lock makes waiters queue in arrival order; the head sleeps for the rest.
-        async with self._lock:
-            while True:
-                wait = self._pacer.wait(self._clock(), tokens)
-                if wait <= 0:
-                    return self._pacer.take(self._clock(), tokens)
-                await self._sleep(wait)
+        self._waiting += 1
+        try:
+            async with self._lock:
+                while True:
+                    wait = self._pacer.wait(self._clock(), tokens)
+                    if wait <= 0:
+                        return self._pacer.take(self._clock(), tokens)
+                    await self._sleep(wait)
+        finally:
+            self._waiting -= 1
+
+    def try_acquire(self, tokens: int) -> Ticket | None:
+        """A ticket at once if the pace allows one now and nobody waits for one, else None.
+        None also until an unconfigured limiter's first answer (it probes the limit with one
+        request): a cold burst of calls then waits to be merged into that one request."""
+        if self._waiting or self._pacer.probing:
+            return None
+        now = self._clock()
+        if self._pacer.wait(now, tokens) > 0:
+            return None
+        return self._pacer.take(now, tokens)
+
+    def expected_wait(self, ahead: int = 0) -> float:
+        """Seconds until a request queued behind those waiting now and ``ahead`` more would be
+        admitted at the current pace: an estimate (answers change the pace; a cap on requests
+        in flight is not counted)."""
+        return self._pacer.expected_wait(self._clock(), self._waiting + ahead + 1)
 
     def release(self, ticket: Ticket, feedback: Feedback) -> None:
         if feedback.retry_after and not backoff_enabled():  # tests: no waiting on 429s
