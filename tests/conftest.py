@@ -51,3 +51,16 @@ async def make_server(request: pytest.FixtureRequest) -> AsyncIterator[MakeServe
     yield make
     for server in servers:
         await server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on 127.0.0.1 for the whole session (skips where there is none)."""
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install 'togembed[redis]')")
+    from redis_server import redis_server
+
+    try:
+        with redis_server() as url:
+            yield url
+    except FileNotFoundError:
+        pytest.skip("redis-server is not installed")

@@ -45,6 +45,7 @@ from .core.errors import (
 )
 from .core.limiter import Feedback, Limiter, RateLimiterStats, Ticket
 from .core.ratelimit import RateLimiter
+from .core.redis_limiter import RedisLimiter
 from .core.settings import ClientStats
 from .core.stream import EmbeddingChunk
 from .core.transport import Response, Transport
@@ -95,6 +96,7 @@ __all__ = [
     "RateLimitError",
     "RateLimiter",
     "RateLimiterStats",
+    "RedisLimiter",
     "Response",
     "RetryPolicy",
     "Ticket",
