@@ -17,7 +17,13 @@ import attrs
 from ..core.limiter import Feedback, RateLimiterStats, Ticket
 from ..core.ratelimit import RateLimiter
 
-__all__ = ["Answer", "Grant", "GrantBook", "limit_headers_of"]
+__all__ = ["DEFAULT_TTL", "NAMESPACE", "Answer", "Grant", "GrantBook", "limit_headers_of"]
+
+# Ray namespace of the limiter actors.
+NAMESPACE = "togembed"
+# A holder silent this long is taken for dead; live holders say they are alive three times
+# as often, so only a dead (or frozen) process ever loses its tickets.
+DEFAULT_TTL = 30.0
 
 # Headers the pacer reads: only these travel from a worker to the shared limiter.
 _HEADER_PREFIXES = ("x-ratelimit", "x-tokenlimit", "retry-after")

@@ -22,8 +22,7 @@ from collections import deque
 from typing import Any
 
 from ..core.limiter import Feedback, Ticket
-from .grants import Answer, Grant
-from .limiter_actor import DEFAULT_TTL, NAMESPACE
+from .grants import DEFAULT_TTL, NAMESPACE, Answer, Grant
 
 __all__ = ["RayLimiter"]
 
@@ -134,6 +133,12 @@ class RayLimiter:
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    async def flush(self) -> None:
+        """Send the answers reported so far and wait until the actor has them."""
+        self._flush()
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def aclose(self) -> None:
         """Hand back the permits held and send the last answers."""

@@ -17,14 +17,9 @@ import ray
 
 from ..core.pacer import DEFAULT_BURST_SECONDS, DEFAULT_MAX_PAUSE
 from ..core.ratelimit import RateLimiter
-from .grants import Answer, Grant, GrantBook
+from .grants import DEFAULT_TTL, NAMESPACE, Answer, Grant, GrantBook
 
 __all__ = ["NAMESPACE", "DEFAULT_TTL", "LimiterActor", "limiter_name", "get_or_create"]
-
-NAMESPACE = "togembed"
-# A holder silent this long is taken for dead; live holders say they are alive three times
-# as often, so only a dead (or frozen) process ever loses its tickets.
-DEFAULT_TTL = 30.0
 
 
 def limiter_name(base_url: str, api_key: str | None, model: str) -> str:
