@@ -64,3 +64,24 @@ def redis_url() -> Iterator[str]:
             yield url
     except FileNotFoundError:
         pytest.skip("redis-server is not installed")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """A local Ray for the whole session: 2 CPUs, a small object store, no dashboard."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'togembed[ray]')")
+    pytest.importorskip("ray.data")
+    import ray_faults
+
+    ray.cloudpickle.register_pickle_by_value(ray_faults)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=128 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

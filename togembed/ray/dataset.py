@@ -86,7 +86,7 @@ def embed_dataset(
         fn_constructor_kwargs=attrs.asdict(s),
         batch_format="pyarrow",
         batch_size=rows_per_batch,
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         **remote_args,
     )
     if output_path is None:
