@@ -50,7 +50,7 @@ class EmbedSettings:
     limiter_name: str | None = None  # the shared limiter actor (default: from key and model)
     redis_url: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
-    concurrency: int = DEFAULT_WORKER_CONCURRENCY
+    client_concurrency: int = DEFAULT_WORKER_CONCURRENCY  # requests in flight per batch
     max_retries: int = DEFAULT_MAX_RETRIES
     timeout: float = DEFAULT_TIMEOUT
     dimensions: int | None = None
@@ -91,7 +91,7 @@ class EmbedSettings:
             "base_url": self.base_url,
             "model": self.model,
             "batch_size": self.batch_size,
-            "concurrency": self.concurrency,
+            "concurrency": self.client_concurrency,
             "max_retries": self.max_retries,
             "timeout": self.timeout,
             **self.client_options,
