@@ -254,8 +254,16 @@ class FirstRequest:
 
 
 def limited_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
+    proc, url = start_server(["--rpm", str(args.rpm), "--latency", "0.02"])
+    try:
+        return _limited(case, args, url)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _limited(case: str, args: argparse.Namespace, url: str) -> dict[str, Any]:
     n, rpm, k = args.n, args.rpm, args.workers
-    proc, url = start_server(["--rpm", str(rpm), "--latency", "0.02"])
     first = FirstRequest(url)
     try:
         if case == "shared":
@@ -279,10 +287,12 @@ def limited_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
                 rproc.wait()
         if out is not None:
             check_rows(out, n)
-        stats = server_stats(url, log=True)
-    finally:
-        proc.terminate()
-        proc.wait()
+        failed = None
+    except Exception as exc:  # the unpaced loops may fail the job: that is a result too
+        if case not in ("plain", "per-actor"):
+            raise
+        wall, failed = time.perf_counter() - first.start, f"{type(exc).__name__}: {exc}"[-300:]
+    stats = server_stats(url, log=True)
     span = max(r["at"] for r in stats["log"])  # first request to last
     requests = stats["requests"]
     ok = stats["status_counts"].get("200", 0)
@@ -298,6 +308,7 @@ def limited_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         "ideal": ideal,
         "ratio": wall / ideal,
         "first_request_after": first.after,
+        "failed": failed,
         "span": span,
     }
 

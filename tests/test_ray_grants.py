@@ -213,3 +213,33 @@ async def test_a_dead_actor_fails_the_waiters() -> None:
     with pytest.raises(RuntimeError, match="died"):
         await limiter.acquire(1)
     await limiter.aclose()
+
+
+def test_togembed_imports_without_ray_or_redis_and_says_which_extra() -> None:
+    """With ray and redis unimportable: ``import togembed`` works, and using togembed.ray or
+    RedisLimiter names the extra to install."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["ray"] = None
+sys.modules["redis"] = None
+import togembed, togembed.ray
+assert "ray" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+try:
+    togembed.ray.embed_dataset
+except ImportError as exc:
+    assert "togembed[ray]" in str(exc), exc
+else:
+    raise AssertionError("no ImportError")
+try:
+    togembed.RedisLimiter("redis://127.0.0.1:1/0", rpm=60)
+except ImportError as exc:
+    assert "togembed[redis]" in str(exc), exc
+else:
+    raise AssertionError("no ImportError")
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr
