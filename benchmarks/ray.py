@@ -322,12 +322,21 @@ def throughput_case(args: argparse.Namespace) -> list[dict[str, Any]]:
         wall, _got = run_processes(url, n, 1, ["--batch", "32", "--concurrency", "16"])
         rows.append({"case": "AsyncClient.embed, 1 process", "workers": 1, "wall": wall})
         base = wall
-        for k in (1, 2, 4):
+        for k, pacing in ((1, "shared"), (2, "shared"), (4, "shared"), (4, "per-worker")):
             wall, out = run_ray(
-                url, n, k, batch_size=32, client_concurrency=max(1, 4 // k), rows_per_batch=1024
+                url,
+                n,
+                k,
+                batch_size=32,
+                max_in_flight=16 // k,
+                rows_per_batch=args.rows,
+                pacing=pacing,
             )
             check_rows(out, n)
-            rows.append({"case": f"embed_dataset, {k} actors", "workers": k, "wall": wall})
+            label = f"embed_dataset, {k} actors" + (
+                ", no shared limiter" if pacing != "shared" else ""
+            )
+            rows.append({"case": label, "workers": k, "wall": wall})
         for r in rows:
             r.update(texts_per_s=n / r["wall"], vs_single=r["wall"] / base)
     finally:
@@ -456,6 +465,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--n-fast", type=int, default=100_000, help="texts for the unlimited cases")
     p.add_argument("--rpm", type=float, default=600)
+    p.add_argument("--rows", type=int, default=2048, help="rows per batch (unlimited cases)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--json", default=None, help="write the results here too")
     # one worker process (internal)

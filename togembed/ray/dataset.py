@@ -20,7 +20,8 @@ from .settings import EmbedSettings, Pacing
 
 __all__ = ["embed_dataset"]
 
-DEFAULT_ROWS_PER_BATCH = 512
+# Enough rows for every request an actor may have in flight (16 x 128 texts).
+DEFAULT_ROWS_PER_BATCH = 2048
 
 
 def embed_dataset(

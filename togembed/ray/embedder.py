@@ -24,6 +24,7 @@ from ..api.async_client import AsyncClient
 from ..core.errors import APIStatusError, InvalidInputError, TogembedError
 from ..core.limiter import Limiter
 from ..core.ratelimit import RateLimiter
+from .capped import CappedLimiter
 from .settings import EmbedSettings
 
 __all__ = ["Embedder", "RowError", "vector_column"]
@@ -132,7 +133,8 @@ class Embedder:
             if self._client is None:
                 self._loop = asyncio.get_running_loop()
                 self._limiter = await self._make_limiter()
-                self._client = AsyncClient(limiter=self._limiter, **self.settings.client_kwargs())
+                capped = CappedLimiter(self._limiter, self.settings.max_in_flight)
+                self._client = AsyncClient(limiter=capped, **self.settings.client_kwargs())
         return self._client
 
     async def _make_limiter(self) -> Limiter:

@@ -1,7 +1,8 @@
 """``RayLimiter``: the ``Limiter`` a worker's client uses to pace itself through the shared
 limiter actor. It keeps the cost per request small: one grant call serves every request that
 waits in this process at that moment (and, while no limit is known, permits for the next few
-ahead); answers travel back in one report per event-loop turn.
+ahead); successful answers travel back together every ``report_delay`` seconds (10 ms), a
+429 or a failure at once.
 
 A grant is never lost: a permit whose waiter gave up (cancelled, deadline) goes to the next
 waiter or into a small pool, and a pooled permit unused after ``lease_seconds`` is handed back
@@ -44,8 +45,9 @@ class RayLimiter:
         self,
         actor: Any,
         *,
-        prefetch: int = 16,
+        prefetch: int = 32,
         lease_seconds: float = 0.5,
+        report_delay: float = 0.01,
         heartbeat: float = DEFAULT_TTL / 3,
     ) -> None:
         self._actor = actor
@@ -58,6 +60,8 @@ class RayLimiter:
         self._fetching = False
         self._answers: list[Answer] = []
         self._flushing = False
+        self._urgent = False
+        self.report_delay = report_delay
         self._out = 0  # tickets handed to requests and not yet answered
         self._last_call = 0.0
         self._info: Grant | None = None
@@ -130,9 +134,13 @@ class RayLimiter:
     def release(self, ticket: Ticket, feedback: Feedback) -> None:
         self._out = max(0, self._out - 1)
         self._answers.append(Answer.of(ticket, feedback))
-        if not self._flushing:
+        urgent = feedback.status is None or feedback.status >= 300 or not self._info
+        if urgent or len(self._answers) >= _MAX_ASK:
+            self._flush_soon()
+        elif not self._flushing:
+            # Successes travel together, a few milliseconds later: one message, not one each.
             self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_later(self.report_delay, self._flush)
 
     async def flush(self) -> None:
         """Send the answers reported so far and wait until the actor has them."""
@@ -196,8 +204,12 @@ class RayLimiter:
 
     def _hand_back(self, ticket: Ticket) -> None:
         self._answers.append(Answer(seq=ticket.seq, status=None, sent=False))
-        if not self._flushing:
-            self._flushing = True
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Report at the end of this event-loop turn (a 429 paces everyone: no delay)."""
+        if not self._urgent:
+            self._urgent = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _fetch(self) -> None:
@@ -230,7 +242,7 @@ class RayLimiter:
         self._start_pulse()
 
     def _flush(self) -> None:
-        self._flushing = False
+        self._flushing = self._urgent = False
         if not self._answers:
             return
         answers, self._answers = self._answers, []

@@ -23,8 +23,8 @@ from ..core.config import (
 __all__ = ["EmbedSettings", "Pacing"]
 
 Pacing = Literal["shared", "per-worker", "redis"]
-# Requests in flight per UDF call; Ray Data runs up to 4 calls of an async UDF per actor.
-DEFAULT_WORKER_CONCURRENCY = 4
+# Requests in flight per actor, whatever number of batches Ray Data runs in it at once.
+DEFAULT_MAX_IN_FLIGHT = 16
 
 
 @attrs.frozen(kw_only=True)
@@ -50,13 +50,15 @@ class EmbedSettings:
     limiter_name: str | None = None  # the shared limiter actor (default: from key and model)
     redis_url: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
-    client_concurrency: int = DEFAULT_WORKER_CONCURRENCY  # requests in flight per batch
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT  # requests in flight per actor
     max_retries: int = DEFAULT_MAX_RETRIES
     timeout: float = DEFAULT_TIMEOUT
     dimensions: int | None = None
     client_options: dict[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
+        if not (isinstance(self.max_in_flight, int) and self.max_in_flight >= 1):
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight!r}")
         if self.errors not in ("raise", "collect"):
             raise ValueError(f"errors must be 'raise' or 'collect', not {self.errors!r}")
         if self.pacing not in ("shared", "per-worker", "redis"):
@@ -91,7 +93,7 @@ class EmbedSettings:
             "base_url": self.base_url,
             "model": self.model,
             "batch_size": self.batch_size,
-            "concurrency": self.client_concurrency,
+            "concurrency": self.max_in_flight,
             "max_retries": self.max_retries,
             "timeout": self.timeout,
             **self.client_options,
