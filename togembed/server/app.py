@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("togembed")
+
+_Server = TypeVar("_Server", bound="TogetherServer")
 
 # 2048 inputs of ~8k tokens of text.
 DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
@@ -223,7 +225,7 @@ class TogetherServer:
             self._closing = True
             await runner.cleanup()
 
-    async def __aenter__(self) -> Any:  # the subclass: EmbeddingServer, FakeTogetherServer
+    async def __aenter__(self: _Server) -> _Server:
         await self.start()
         return self
 

@@ -54,7 +54,7 @@ async def _load_model(name: str | None) -> EmbeddingModel:
     def work() -> None:
         model, error = None, None
         try:
-            # Heavy imports (torch, tokenizers) happen here too, off the loop.
+            # Heavy imports (onnxruntime, tokenizers) happen here too, off the loop.
             from ..local.model import load_model
 
             model = load_model(name)

@@ -13,8 +13,10 @@ for benchmarks::
 
 Modules, each importing only those listed before it (and ``togembed.server``'s ``protocol``
 and ``app``): ``vectors`` (deterministic vectors, pre-rendered rows), ``faults`` (fault specs),
-``limits`` (token buckets), ``stats`` (counters, request log), ``wire`` (faults as answers),
-``backend`` (:class:`FakeTogetherServer`), ``cli`` (the command).
+``limits`` (input limits, token buckets), ``stats`` (counters, request log), ``wire`` (faults
+as answers), ``control`` (the ``/stats`` and ``/faults`` routes; the server only as a type),
+``backend`` (:class:`FakeTogetherServer`, the backend of ``togembed.server.app``), ``cli``
+(the command).
 """
 
 from __future__ import annotations
