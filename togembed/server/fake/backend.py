@@ -319,4 +319,4 @@ class FakeTogetherServer(TogetherServer):
             mangle_items(items, fault, self._rng, parsed.texts, self.dim, b64)
         parts = [ITEM % (i, e) if i is not None else _ITEM_NO_INDEX % e for i, e in items]
         tokens = sum(approx_tokens(t) for t in parsed.texts) if self.usage else None
-        return LIST_HEAD + b",".join(parts) + list_tail(parsed.model, tokens)
+        return b"".join((LIST_HEAD, b",".join(parts), list_tail(parsed.model, tokens)))
