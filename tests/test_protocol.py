@@ -1,4 +1,5 @@
-"""Protocol: request bodies, decoding and validating answers, error mapping, retry hints."""
+"""The wire protocol without I/O: request bodies (``protocol``), decoding and validating answers
+(``answers``), refusals mapped to errors and retry hints (``status_errors``)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ import pytest
 from multidict import CIMultiDict
 
 import togembed
-from togembed.core import protocol
-from togembed.core.protocol import (
-    decode_embeddings,
-    encode_request,
-    error_from_response,
-    parse_retry_after,
-    redact,
-    rejected_arguments,
-)
+from togembed.core import answers
+from togembed.core.answers import decode_embeddings
+from togembed.core.protocol import encode_request, redact
+from togembed.core.status_errors import error_from_response, parse_retry_after, rejected_arguments
 
 
 def body(rows: list, *, b64: bool = False, order: list[int] | None = None, **extra) -> bytes:
@@ -42,10 +38,10 @@ ROWS = [[0.5, 1.0, -2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.25]]
 def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Float answers are decoded by simdjson where it is installed, else by orjson: both
     paths must give the same rows and the same verdicts."""
-    if request.param == "simdjson" and protocol.simdjson is None:
+    if request.param == "simdjson" and answers.simdjson is None:
         pytest.skip("pysimdjson is not installed")
     if request.param == "orjson":
-        monkeypatch.setattr(protocol, "simdjson", None)
+        monkeypatch.setattr(answers, "simdjson", None)
     return str(request.param)
 
 
@@ -112,7 +108,7 @@ def test_both_float_decoders_give_the_same_float32_rows(monkeypatch: pytest.Monk
     """simdjson parses the text to doubles and casts, as orjson + numpy do: bit for bit the
     same float32 rows, whatever the text (long decimals, ints, exponents, subnormals, values
     that round to infinity in float32)."""
-    if protocol.simdjson is None:
+    if answers.simdjson is None:
         pytest.skip("pysimdjson is not installed")
     rng = np.random.default_rng(3)
     texts = [[repr(v) for v in row] for row in rng.standard_normal((8, 64)).tolist()]
@@ -127,7 +123,7 @@ def test_both_float_decoders_give_the_same_float32_rows(monkeypatch: pytest.Monk
     )
     fast = decode_embeddings(raw, 8)
     assert isinstance(fast.rows, np.ndarray)  # the simdjson path was taken
-    monkeypatch.setattr(protocol, "simdjson", None)
+    monkeypatch.setattr(answers, "simdjson", None)
     slow = decode_embeddings(raw, 8)
     a, b = np.empty((8, 64), np.float32), np.empty((8, 64), np.float32)
     fast.write_into(a)

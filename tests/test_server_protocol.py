@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 import togembed
-from togembed.core.protocol import decode_embeddings, error_from_response
+from togembed.core.answers import decode_embeddings
+from togembed.core.status_errors import error_from_response
 from togembed.server.protocol import (
     NOT_JSON,
     Parsed,
