@@ -30,10 +30,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from togembed import cli as cli_module
-from togembed.jobs import formats as _corpus
-from togembed.jobs.formats import npy_ids_path
+from togembed.jobs import writers as _writers
 from togembed.jobs.job import _Writer, failures_path
 from togembed.jobs.store import JobStore, job_path, text_hash
+from togembed.jobs.writers import npy_ids_path
 from togembed.testing import fake_embeddings
 
 DIM = 32
@@ -926,7 +926,7 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
     src = write_txt(tmp_path / "in.txt", texts)
     out = tmp_path / "out.parquet"
     calls = 0
-    write = _corpus._ParquetOutput._write
+    write = _writers._ParquetOutput._write
 
     def full_disk(self: Any, ids: Any, vectors: Any) -> None:
         nonlocal calls
@@ -935,7 +935,7 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
             raise OSError(errno.ENOSPC, "No space left on device")
         write(self, ids, vectors)
 
-    monkeypatch.setattr(_corpus._ParquetOutput, "_write", full_disk)
+    monkeypatch.setattr(_writers._ParquetOutput, "_write", full_disk)
     args = (src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", "20")
     result = invoke(*args)
     assert result.exit_code == 1
@@ -943,7 +943,7 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
     assert "progress is saved" in result.stderr
     assert not out.exists() and not (tmp_path / ".out.parquet.togembed-tmp").exists()
     paid = server.stats()["inputs"]
-    monkeypatch.setattr(_corpus._ParquetOutput, "_write", write)
+    monkeypatch.setattr(_writers._ParquetOutput, "_write", write)
     assert invoke(*args).exit_code == 0
     ids, vectors = read_output(out)
     assert ids == [str(k) for k in range(1, 301)]

@@ -21,9 +21,10 @@ from helpers import MakeServer
 from togembed import AsyncClient
 from togembed.jobs import job as _job
 from togembed.jobs import output as _joboutput
-from togembed.jobs.formats import CorpusError, npy_ids_path
+from togembed.jobs.filetypes import CorpusError
 from togembed.jobs.job import JobOptions, run_job
 from togembed.jobs.store import JobStore, job_path
+from togembed.jobs.writers import npy_ids_path
 from togembed.testing import fake_embeddings
 
 DIM = 16

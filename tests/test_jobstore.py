@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from togembed.jobs import store as _jobstore
-from togembed.jobs.formats import write_output
 from togembed.jobs.store import (
     DuplicateIdError,
     JobCounts,
@@ -35,6 +34,7 @@ from togembed.jobs.store import (
     text_hash,
     vectors_path,
 )
+from togembed.jobs.writers import write_output
 
 
 def stored_hashes(store: JobStore) -> dict[bytes, list[int]]:

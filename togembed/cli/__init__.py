@@ -28,14 +28,9 @@ from ..core.config import (
     resolve_base_url,
 )
 from ..core.errors import APIError, TogembedError
-from ..jobs.formats import (
-    INPUT_SUFFIXES,
-    OUTPUT_SUFFIXES,
-    CorpusError,
-    default_ids,
-    detect_id_field,
-)
+from ..jobs.filetypes import INPUT_SUFFIXES, OUTPUT_SUFFIXES, CorpusError
 from ..jobs.job import JobOptions, JobProgress, JobResult, run_job
+from ..jobs.readers import default_ids, detect_id_field
 from ..jobs.store import DuplicateIdError, job_path
 
 # The server (aiohttp.web), the local model and the nearest-neighbour display are imported

@@ -41,10 +41,11 @@ import orjson
 from ..api.async_client import AsyncClient
 from ..core.batching import estimate_tokens
 from ..core.stream import TextBlocks
-from .formats import OutputFile, RecordBlock, read_blocks, scan_records
 from .output import OutputFollower
+from .readers import RecordBlock, read_blocks, scan_records
 from .store import JobStore, Reconciled, VectorCache, cache_key, job_path, text_hash
 from .textindex import TextIndex
+from .writers import OutputFile
 
 __all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
 

@@ -17,15 +17,10 @@ import attrs
 import numpy as np
 import orjson
 
-from .formats import (
-    OUTPUT_SUFFIXES,
-    PARQUET_META_KEY,
-    CorpusError,
-    MissingDependencyError,
-    npy_ids_path,
-    read_records,
-)
+from .filetypes import OUTPUT_SUFFIXES, CorpusError, MissingDependencyError
+from .readers import read_records
 from .store import job_path
+from .writers import PARQUET_META_KEY, npy_ids_path
 
 __all__ = ["TextSource", "load_output", "made_with", "nearest", "texts_of"]
 

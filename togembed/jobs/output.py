@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .formats import OutputFile
 from .store import JobStore
+from .writers import OutputFile
 
 __all__ = ["OutputFollower"]
 
