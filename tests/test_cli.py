@@ -31,8 +31,11 @@ from click.testing import CliRunner, Result
 
 from togembed import cli as cli_module
 from togembed.jobs import writers as _writers
-from togembed.jobs.job import _Writer, failures_path
-from togembed.jobs.store import JobStore, job_path, text_hash
+from togembed.jobs.failures import failures_path
+from togembed.jobs.job import _Writer
+from togembed.jobs.jobfile import job_path
+from togembed.jobs.store import JobStore
+from togembed.jobs.textindex import text_hash
 from togembed.jobs.writers import npy_ids_path
 from togembed.testing import fake_embeddings
 

@@ -23,7 +23,8 @@ from togembed.jobs import job as _job
 from togembed.jobs import output as _joboutput
 from togembed.jobs.filetypes import CorpusError
 from togembed.jobs.job import JobOptions, run_job
-from togembed.jobs.store import JobStore, job_path
+from togembed.jobs.jobfile import job_path
+from togembed.jobs.store import JobStore
 from togembed.jobs.writers import npy_ids_path
 from togembed.testing import fake_embeddings
 

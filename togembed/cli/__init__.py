@@ -29,9 +29,10 @@ from ..core.config import (
 )
 from ..core.errors import APIError, TogembedError
 from ..jobs.filetypes import INPUT_SUFFIXES, OUTPUT_SUFFIXES, CorpusError
+from ..jobs.ids import DuplicateIdError
 from ..jobs.job import JobOptions, JobProgress, JobResult, run_job
+from ..jobs.jobfile import job_path
 from ..jobs.readers import default_ids, detect_id_field
-from ..jobs.store import DuplicateIdError, job_path
 
 # The server (aiohttp.web), the local model and the nearest-neighbour display are imported
 # where they are used: `togembed embed` against an API needs none of them.

@@ -28,7 +28,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import os
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
@@ -36,15 +35,18 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 import numpy as np
-import orjson
 
 from ..api.async_client import AsyncClient
 from ..core.batching import estimate_tokens
 from ..core.stream import TextBlocks
+from .cache import VectorCache, cache_key
+from .failures import failures_path, write_failures
+from .jobfile import job_path
 from .output import OutputFollower
 from .readers import RecordBlock, read_blocks, scan_records
-from .store import JobStore, Reconciled, VectorCache, cache_key, job_path, text_hash
-from .textindex import TextIndex
+from .reconcile import Reconciled
+from .store import JobStore
+from .textindex import TextIndex, text_hash
 from .writers import OutputFile
 
 __all__ = ["JobOptions", "JobProgress", "JobResult", "failures_path", "run_job"]
@@ -60,12 +62,6 @@ JobStatus = Literal["complete", "failures", "budget", "interrupted"]
 # Settings a job follows by reconciling its stored work (vectors depend on the model and the
 # text alone); any other change (the model) is refused once something was paid for.
 _RECONCILED = ("input", "input_size", "input_mtime_ns", "id_field", "text_field")
-
-
-def failures_path(output: str | os.PathLike[str]) -> Path:
-    """``vectors.parquet`` -> ``vectors.parquet.failures.jsonl``."""
-    out = Path(output)
-    return out.with_name(out.name + ".failures.jsonl")
 
 
 @attrs.frozen(kw_only=True)
@@ -660,7 +656,7 @@ class _Job:
         counts = await w.call(store.counts)
         fails = failures_path(opts.output)
         if counts.failed:
-            await w.call(_write_failures, store, fails)
+            await w.call(write_failures, fails, store.iter_failures())
         elif fails.exists():
             fails.unlink()
         output = w.output
@@ -684,13 +680,3 @@ def _load_index(store: JobStore) -> TextIndex:
     for hashes, positions in store.iter_hashes():
         index.add(hashes, positions)
     return index
-
-
-def _write_failures(store: JobStore, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for pos, id_, reason in store.iter_failures():
-            f.write(orjson.dumps({"id": id_, "position": pos, "error": reason}) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
