@@ -32,9 +32,9 @@ from click.testing import CliRunner, Result
 from togembed import cli as cli_module
 from togembed.jobs import writers as _writers
 from togembed.jobs.failures import failures_path
-from togembed.jobs.job import _Writer
 from togembed.jobs.jobfile import job_path
 from togembed.jobs.store import JobStore
+from togembed.jobs.storewriter import StoreWriter
 from togembed.jobs.textindex import text_hash
 from togembed.jobs.writers import npy_ids_path
 from togembed.testing import fake_embeddings
@@ -305,7 +305,7 @@ async def test_rows_answered_during_a_commit_are_committed_without_waiting_for_m
 ) -> None:
     """The group commit behind the bound above: rows queued while a commit runs are committed
     right after it, not when the next answer happens to arrive (a whole round trip later)."""
-    writer = _Writer()
+    writer = StoreWriter()
     writer.store = JobStore.open(tmp_path / "j.sqlite", meta={})
     try:
         vectors = fake_embeddings(["a", "b", "c"], DIM)
