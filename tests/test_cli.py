@@ -30,6 +30,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from togembed import cli as cli_module
+from togembed.cli import backends as cli_backends
+from togembed.cli.options import seconds as parse_seconds
+from togembed.cli.progress import Display
 from togembed.jobs import writers as _writers
 from togembed.jobs.failures import failures_path
 from togembed.jobs.jobfile import job_path
@@ -649,13 +652,13 @@ def test_deadline_zero_sends_nothing_and_a_long_deadline_finishes(
     ],
 )
 def test_deadline_parsing(text: str, seconds: float) -> None:
-    assert cli_module._seconds(text) == seconds
+    assert parse_seconds(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "s", "m", "abc", "10 minutes", "-5", "1d", "5m2h", "1.2.3"])
 def test_bad_deadline_is_a_usage_error(tmp_path: Path, text: str) -> None:
     with pytest.raises(click.BadParameter):
-        cli_module._seconds(text)
+        parse_seconds(text)
     src = write_txt(tmp_path / "in.txt", ["x"])
     result = invoke(
         src,
@@ -729,7 +732,7 @@ def test_missing_api_key_for_a_remote_server_is_exit_2_before_any_network(
     def no_client(*args: object, **kwargs: object) -> None:
         raise AssertionError("a client was created without an API key")
 
-    monkeypatch.setattr(cli_module, "AsyncClient", no_client)
+    monkeypatch.setattr(cli_backends, "AsyncClient", no_client)
     src = write_txt(tmp_path / "in.txt", ["hello"])
     out = tmp_path / "out.parquet"
     result = invoke(src, "-o", out, "-m", MODEL, "--base-url", "https://api.together.xyz/v1")
@@ -879,7 +882,7 @@ def test_progress_is_plain_lines_and_a_summary_when_stderr_is_not_a_tty(
 def test_progress_lines_come_at_each_interval(
     tmp_path: Path, slow_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_module._Display, "INTERVAL", 0.1)
+    monkeypatch.setattr(Display, "INTERVAL", 0.1)
     texts = make_texts(1500)
     src = write_txt(tmp_path / "in.txt", texts)
     out = tmp_path / "out.parquet"

@@ -27,6 +27,7 @@ from standin_model import StandInModel
 import togembed
 import togembed.server.embedding_server
 from togembed import cli as cli_module
+from togembed.cli.exits import EXIT_USAGE
 from togembed.server.listen import ListenError
 
 MODEL = "test/stand-in-mini"
@@ -87,7 +88,7 @@ def busy_port() -> Iterator[int]:
 )
 def test_a_busy_port_is_one_line_and_exit_2(busy_port: int, real: bool) -> None:
     proc = run(serve_cmd("--port", busy_port, real=real))
-    assert proc.returncode == cli_module.EXIT_USAGE == 2, proc.stderr
+    assert proc.returncode == EXIT_USAGE == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"error: cannot listen on 127.0.0.1:{busy_port}: address already in use "
         "(try --port 0 for any free port, or another port)"
@@ -133,7 +134,7 @@ def test_an_unknown_host_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         raise ListenError("nosuch.example", 8000, socket.gaierror(socket.EAI_NONAME, "nope"))
 
-    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
+    monkeypatch.setattr(togembed.server, "serve", fake_serve)
     with pytest.raises(SystemExit) as info:
         cli_module.main(["serve", "--host", "nosuch.example"])
     assert info.value.code == 2
@@ -212,7 +213,7 @@ def captured(monkeypatch) -> Iterator[dict[str, Any]]:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         calls["args"], calls["kwargs"] = args, kwargs
 
-    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
+    monkeypatch.setattr(togembed.server, "serve", fake_serve)
     log = logging.getLogger("togembed.access")
     saved = (list(log.handlers), log.level, log.propagate)
     yield calls
