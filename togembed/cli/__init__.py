@@ -13,9 +13,9 @@ The modules:
     ``options``   options shared by the commands (``--base-url``, durations, exclusions)
     ``exits``     exit codes and the one-line error
 
-May import: everything below it (``togembed.core``, ``togembed.api``, ``togembed.jobs``;
-``togembed.server`` and the local model lazily, inside the code that needs them: ``togembed
-embed`` against an API needs neither aiohttp's server nor onnxruntime).
+May import: click, its modules, and every layer below it (``togembed.core``, ``togembed.api``,
+``togembed.jobs``; ``togembed.server`` lazily, inside the code that needs it: ``togembed embed``
+against an API needs neither aiohttp's server nor onnxruntime).
 """
 
 from __future__ import annotations

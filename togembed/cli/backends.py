@@ -5,7 +5,7 @@ embeddings API (Together's, or any compatible server: ``--base-url``), or the lo
 Another backend (e.g. workers on a cluster) is one more class with an ``open`` method here, and
 one more branch in ``choose_backend``; the commands do not change.
 
-May import: click; ``togembed.api``, ``togembed.core``; ``togembed.server`` (lazily: only
+May import: attrs, click; ``togembed.api``, ``togembed.core``; ``togembed.server`` (lazily: only
 ``--local`` needs aiohttp's server and the local model); ``exits``.
 """
 

@@ -72,6 +72,7 @@ def clear_failures(conn: sqlite3.Connection, positions: Iterable[int] | None = N
 
 
 def failed_positions(conn: sqlite3.Connection) -> set[int]:
+    """Positions recorded as failed."""
     return {r[0] for r in conn.execute("SELECT pos FROM failures")}
 
 

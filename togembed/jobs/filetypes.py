@@ -1,7 +1,7 @@
 """The file types a corpus job reads and writes: their suffixes, the errors about a file
 (``CorpusError``, ``MissingDependencyError``), and pyarrow, imported only for .parquet.
 
-May import: the standard library; ``togembed.core``.
+May import: the standard library, pyarrow (on demand); ``togembed.core``.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ chunks of 2 MB and ``rows_between`` the range asked for (``pread``, not a memory
 mapped page read would count in RSS), ``iter_failures`` and ``register_ids`` stream through
 cursors in chunks; nothing holds all ids or vectors.
 
-May import: the standard library, attrs, numpy; ``togembed.core``; the store's rooms above.
+May import: the standard library, attrs; ``togembed.core``; ``failures``, ``ids``, ``jobfile``,
+``reconcile``, ``vectorfile``, ``vectors``.
 """
 
 from __future__ import annotations
