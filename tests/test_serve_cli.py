@@ -26,9 +26,9 @@ from standin_model import StandInModel
 
 import togembed
 import togembed.server
-import togembed.server.embedding_server
 import togembed.server.local_backend
 from togembed import cli as cli_module
+from togembed.cli.exits import EXIT_USAGE
 from togembed.server.listen import ListenError
 
 MODEL = "test/stand-in-mini"
@@ -64,10 +64,8 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def patch_serve(monkeypatch: pytest.MonkeyPatch, fake_serve: Any) -> None:
-    """Replace the serve() the CLI runs: it imports it lazily from togembed.server (before the
-    CLI was split: from togembed.server.embedding_server, which re-exports it)."""
+    """Replace the serve() the CLI runs: it imports it lazily from togembed.server."""
     monkeypatch.setattr(togembed.server, "serve", fake_serve)
-    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
 
 
 @pytest.fixture
@@ -96,7 +94,7 @@ def busy_port() -> Iterator[int]:
 )
 def test_a_busy_port_is_one_line_and_exit_2(busy_port: int, real: bool) -> None:
     proc = run(serve_cmd("--port", busy_port, real=real))
-    assert proc.returncode == cli_module.EXIT_USAGE == 2, proc.stderr
+    assert proc.returncode == EXIT_USAGE == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"error: cannot listen on 127.0.0.1:{busy_port}: address already in use "
         "(try --port 0 for any free port, or another port)"

@@ -17,8 +17,6 @@ Layers, each importing only those below it:
   and ``fake.FakeTogetherServer`` (deterministic vectors, scripted and random faults,
   token-bucket limits; a package of its own: ``fake/``).
 * ``launch``: ``serve()`` and ``local_server()``, the entry points of the local server.
-
-``embedding_server`` only re-exports the local server's names for older imports.
 """
 
 from __future__ import annotations
