@@ -84,9 +84,6 @@ CONTEXT: dict[tuple[str, str], str] = {
         'client = togembed.AsyncClient(model="BAAI/bge-base-en-v1.5")\n'
         'texts = [f"text {i}" for i in range(300)]'
     ),
-    ("docs/streaming.md", "import contextlib"): (
-        'with open("corpus.txt", encoding="utf-8") as f:\n    n_lines = sum(1 for _ in f)'
-    ),
     ("docs/streaming.md", "done = 0"): (
         'client = togembed.AsyncClient(model="BAAI/bge-base-en-v1.5")\n'
         'path = "corpus.txt"\n'
