@@ -15,7 +15,8 @@ from apps import App, apps, embeddings, error
 from helpers import MakeServer
 
 import togembed
-from togembed.core.ratelimit import Feedback, RateLimiter, Ticket
+from togembed.core.limiter import Feedback, Ticket
+from togembed.core.ratelimit import RateLimiter
 from togembed.core.transport import AiohttpTransport
 from togembed.testing import FakeTogetherServer, fake_embeddings, serve_in_thread
 

@@ -691,7 +691,9 @@ async def test_million_char_string_travels_alone_and_is_embedded(
     (the fake has no length limit by default, so it embeds it)."""
     big = "x" * 1_000_000
     items = ["before", big, "after"]
-    async with client_for(server) as client:
+    # Without coalescing: "before" and "after" would otherwise share a request when they wait
+    # for the first answer together (tests/test_coalesce.py covers that).
+    async with client_for(server, coalesce=False) as client:
         arr = await client.embed(items)
     assert_rows(arr, items)
     assert sorted(r.n_inputs for r in server.stats.log) == [1, 1, 1]

@@ -15,7 +15,7 @@ from standin_model import StandInModel
 
 import togembed
 from togembed import cli as cli_module
-from togembed.server.embedding_server import EmbeddingServer
+from togembed.server import EmbeddingServer
 from togembed.testing import FakeTogetherServer, serve_in_thread
 
 make_app = pytest.fixture(name="make_app")(apps)

@@ -8,13 +8,10 @@ import math
 
 import pytest
 
-from togembed.core.ratelimit import (
-    Feedback,
-    Pacer,
-    RateLimiter,
-    has_rate_signal,
-    parse_limit_headers,
-)
+from togembed.core.limit_headers import has_rate_signal, parse_limit_headers
+from togembed.core.limiter import Feedback
+from togembed.core.pacer import Pacer
+from togembed.core.ratelimit import RateLimiter
 
 OK = Feedback(status=200)
 

@@ -13,7 +13,9 @@ import pytest
 from helpers import MakeServer
 
 import togembed
-from togembed.core.ratelimit import Feedback, Pacer, parse_limit_headers
+from togembed.core.limit_headers import parse_limit_headers
+from togembed.core.limiter import Feedback
+from togembed.core.pacer import Pacer
 from togembed.testing import fake_embeddings
 
 OK = Feedback(status=200)

@@ -25,7 +25,9 @@ from click.testing import CliRunner
 from standin_model import StandInModel
 
 import togembed
+import togembed.server
 import togembed.server.embedding_server
+import togembed.server.local_backend
 from togembed import cli as cli_module
 from togembed.server.listen import ListenError
 
@@ -59,6 +61,13 @@ def serve_cmd(*args: object, real: bool = False) -> list[str]:
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=60)
+
+
+def patch_serve(monkeypatch: pytest.MonkeyPatch, fake_serve: Any) -> None:
+    """Replace the serve() the CLI runs: it imports it lazily from togembed.server (before the
+    CLI was split: from togembed.server.embedding_server, which re-exports it)."""
+    monkeypatch.setattr(togembed.server, "serve", fake_serve)
+    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
 
 
 @pytest.fixture
@@ -133,7 +142,7 @@ def test_an_unknown_host_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         raise ListenError("nosuch.example", 8000, socket.gaierror(socket.EAI_NONAME, "nope"))
 
-    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
+    patch_serve(monkeypatch, fake_serve)
     with pytest.raises(SystemExit) as info:
         cli_module.main(["serve", "--host", "nosuch.example"])
     assert info.value.code == 2
@@ -212,7 +221,7 @@ def captured(monkeypatch) -> Iterator[dict[str, Any]]:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         calls["args"], calls["kwargs"] = args, kwargs
 
-    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
+    patch_serve(monkeypatch, fake_serve)
     log = logging.getLogger("togembed.access")
     saved = (list(log.handlers), log.level, log.propagate)
     yield calls
@@ -256,7 +265,7 @@ def test_serve_flags_reach_serve(captured: dict[str, Any]) -> None:
 def test_serve_flag_defaults_are_the_servers(captured: dict[str, Any]) -> None:
     result = CliRunner().invoke(cli_module.cli, ["serve"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    s = togembed.server.embedding_server
+    s = togembed.server.local_backend
     assert captured["args"] == (s.DEFAULT_HOST, s.DEFAULT_PORT, None, None)
     assert captured["kwargs"] == {
         "aliases": (),

@@ -10,7 +10,6 @@ from ._version import __version__
 from .api.async_client import AsyncClient, AsyncEmbeddings
 from .api.models import AsyncModels, Model, ModelList
 from .api.sync_client import Client, Embeddings, Models
-from .core.call import ClientStats
 from .core.config import (
     DEFAULT_BASE_URL,
     DEFAULT_BATCH_SIZE,
@@ -29,6 +28,7 @@ from .core.errors import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    DeadlineExceededError,
     DimensionsNotSupportedError,
     InternalServerError,
     InvalidBaseURLError,
@@ -43,7 +43,9 @@ from .core.errors import (
     TooManyRedirectsError,
     UnprocessableEntityError,
 )
-from .core.ratelimit import Feedback, Limiter, RateLimiter, RateLimiterStats, Ticket
+from .core.limiter import Feedback, Limiter, RateLimiterStats, Ticket
+from .core.ratelimit import RateLimiter
+from .core.settings import ClientStats
 from .core.stream import EmbeddingChunk
 from .core.transport import Response, Transport
 from .core.types import Embedding, EmbeddingResponse, Usage
@@ -71,6 +73,7 @@ __all__ = [
     "BadRequestError",
     "Client",
     "ClientStats",
+    "DeadlineExceededError",
     "DimensionsNotSupportedError",
     "Embedding",
     "EmbeddingChunk",

@@ -15,15 +15,8 @@ import numpy as np
 
 from .._version import __version__
 from ..core.batching import find_invalid_input, invalid_input_error, normalize_input
-from ..core.call import (
-    ArraySink,
-    CallOptions,
-    CallSettings,
-    ClientStats,
-    ListSink,
-    Sink,
-    run_call,
-)
+from ..core.call import run_call
+from ..core.coalesce import Coalescer, expected_wait
 from ..core.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -40,7 +33,10 @@ from ..core.config import (
     resolve_base_url,
 )
 from ..core.errors import InvalidModelError, MissingAPIKeyError
-from ..core.ratelimit import Limiter, RateLimiter
+from ..core.limiter import Limiter
+from ..core.ratelimit import RateLimiter
+from ..core.settings import CallOptions, CallSettings, ClientStats
+from ..core.sinks import ArraySink, ListSink, Sink
 from ..core.stream import EmbeddingChunk, EmbeddingStream, TextBlocks
 from ..core.transport import AiohttpTransport, Transport
 from ..core.types import EmbeddingResponse
@@ -132,6 +128,8 @@ class AsyncClient:
         transport: Transport | None = None,
         default_headers: dict[str, str] | None = None,
         connect_retries: int | None = None,
+        coalesce: bool = True,
+        coalesce_window: float = 0.0,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
@@ -141,6 +139,8 @@ class AsyncClient:
             )
         if model is not None:
             _check_model(model)
+        if not (isinstance(coalesce_window, (int, float)) and 0 <= coalesce_window < math.inf):
+            raise ValueError(f"coalesce_window must be >= 0 seconds, got {coalesce_window!r}")
         if retry is None:
             retry = RetryPolicy(max_retries=max_retries, connect_retries=connect_retries)
         elif connect_retries is not None:
@@ -163,7 +163,7 @@ class AsyncClient:
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
         self.concurrency = _positive("concurrency", concurrency)
         self.encoding_format: EncodingFormat = encoding_format
-        self.stats = ClientStats()
+        self._stats = ClientStats()
         self.embeddings = AsyncEmbeddings(self)
         self.models = AsyncModels(self)
         self._transport: Transport = transport or AiohttpTransport(
@@ -188,13 +188,29 @@ class AsyncClient:
             max_tokens=self.max_batch_tokens,
             concurrency=self.concurrency,
             encoding_format=encoding_format,
-            stats=self.stats,
+            stats=self._stats,
             limiter=self.limiter,
         )
+        # Calls that would wait for the limiter share requests (docs/services.md).
+        self._coalescer = (
+            Coalescer(self._settings, window=float(coalesce_window)) if coalesce else None
+        )
+        self._settings.coalescer = self._coalescer
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "none"
         return f"<togembed.AsyncClient base_url={self.base_url!r} api_key={key}>"
+
+    @property
+    def stats(self) -> ClientStats:
+        """Running counters (requests, retries, 429s, merged calls, ...) and the queue at the
+        rate limit now: ``waiting`` calls and their ``expected_wait`` in seconds."""
+        stats = self._stats
+        if self._coalescer is not None:
+            stats.expected_wait = self._coalescer.expected_wait()
+        else:
+            stats.expected_wait = expected_wait(self.limiter)
+        return stats
 
     async def embed(
         self,
@@ -248,6 +264,7 @@ class AsyncClient:
             raise ValueError(f"errors must be 'raise' or 'collect', not {errors!r}")
         if window is None:
             window = 4 * self.concurrency * self.batch_size
+        self._stats.calls += 1
         stream = EmbeddingStream(
             self._settings,
             texts,
@@ -264,6 +281,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the HTTP session if this client created it. Safe to call twice."""
+        if self._coalescer is not None:
+            await self._coalescer.aclose()
         await self._transport.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -356,6 +375,7 @@ class AsyncClient:
     ) -> None:
         if not texts:
             return
+        self._stats.calls += 1
         self._check_api_key()
         await _check_inputs(texts)
         await run_call(

@@ -8,6 +8,7 @@ TogembedError
 └── APIError
     ├── APIConnectionError       the request did not get an HTTP answer
     │   └── APITimeoutError      (also TimeoutError)
+    │       └── DeadlineExceededError  the call's timeout passes before it can be sent
     ├── APIResponseValidationError  a 200 whose body is not a valid answer
     └── APIStatusError           a non-2xx answer: status_code, body, request_id
         ├── BadRequestError            400
@@ -34,6 +35,7 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "DeadlineExceededError",
     "DimensionsNotSupportedError",
     "InternalServerError",
     "InvalidBaseURLError",
@@ -116,6 +118,17 @@ class APIConnectionError(APIError):
 
 class APITimeoutError(APIConnectionError, TimeoutError):
     """The request took longer than the configured ``timeout``."""
+
+
+class DeadlineExceededError(APITimeoutError):
+    """The call's ``timeout`` would pass (or passed) before its request could be sent: too many
+    calls wait at the rate limit. Nothing was sent for it, so nothing was paid; not retried.
+    ``expected_wait``: the wait the queue would have cost, in seconds (None if not estimated).
+    ``client.stats.waiting`` / ``expected_wait`` show the queue."""
+
+    def __init__(self, message: str, *, expected_wait: float | None = None) -> None:
+        super().__init__(message)
+        self.expected_wait = expected_wait
 
 
 class APIResponseValidationError(APIError):

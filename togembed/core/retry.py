@@ -28,6 +28,7 @@ from .errors import (
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
+    DeadlineExceededError,
     ModelNotAvailableError,
 )
 
@@ -67,8 +68,10 @@ def is_retryable(exc: BaseException) -> bool:
 
     A 429 of type ``credit_limit`` means the account is out of credits: waiting will not fix it.
     A ``ModelNotAvailableError`` (even a 503 one) is never retried. A 3xx (a redirect loop) is
-    not retried either.
+    not retried either, nor a call whose deadline passes before it can be sent.
     """
+    if isinstance(exc, DeadlineExceededError):
+        return False
     if isinstance(exc, (APIConnectionError, APIResponseValidationError)):
         return True
     if isinstance(exc, APIStatusError):

@@ -21,7 +21,7 @@ import attrs
 import numpy as np
 
 from .batching import Batch, describe_invalid, estimate_tokens, is_sendable
-from .call import Abort, CallAborted, CallSettings, _Call
+from .call import _Call
 from .errors import (
     APIResponseValidationError,
     APIStatusError,
@@ -29,6 +29,8 @@ from .errors import (
     TogembedError,
 )
 from .protocol import DecodedBatch
+from .request import Abort, CallAborted
+from .settings import CallSettings
 
 __all__ = ["EmbeddingChunk", "EmbeddingStream", "TextBlocks"]
 
