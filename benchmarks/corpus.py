@@ -7,7 +7,7 @@
 speed   Wall time of ``togembed embed texts.txt -o out.parquet`` (a subprocess, default batch 128
         and concurrency 16) against a script that calls ``AsyncClient.embed()`` on the same texts,
         each against a fresh fake server (``--latency``, ``--dim``). The script reads the same
-        file and writes the same .parquet (``togembed.jobs.formats.write_output``), so both process
+        file and writes the same .parquet (``togembed.jobs.writers.write_output``), so both process
         walls are end to end; "in-run s" is the job time the command reports ("... this run in
         X s": store, embed, write the output) and, for the script, ``embed()`` plus the write.
         The command's rows are checked against ``fake_embeddings`` after every run.
@@ -48,7 +48,7 @@ _JOB_TIME = re.compile(r"this run in ([\d.]+) s")
 _EMBED_SCRIPT = """
 import asyncio, json, sys, time
 from togembed import AsyncClient
-from togembed.jobs.formats import write_output
+from togembed.jobs.writers import write_output
 
 async def main(src, out, url, model):
     with open(src, encoding="utf-8") as f:

@@ -25,7 +25,7 @@ from standin_model import StandInModel
 import togembed
 from togembed.core.batching import estimate_tokens
 from togembed.core.stated_limits import MAX_REQUEST_TOKENS, StatedLimit, request_token_budget
-from togembed.server.embedding_server import EmbeddingServer
+from togembed.server import EmbeddingServer
 from togembed.testing import fake_embeddings
 
 DIM = 16

@@ -30,10 +30,16 @@ import pytest
 from click.testing import CliRunner, Result
 
 from togembed import cli as cli_module
-from togembed.jobs import formats as _corpus
-from togembed.jobs.formats import npy_ids_path
-from togembed.jobs.job import _Writer, failures_path
-from togembed.jobs.store import JobStore, job_path, text_hash
+from togembed.cli import backends as cli_backends
+from togembed.cli.options import seconds as parse_seconds
+from togembed.cli.progress import Display
+from togembed.jobs import writers as _writers
+from togembed.jobs.failures import failures_path
+from togembed.jobs.jobfile import job_path
+from togembed.jobs.store import JobStore
+from togembed.jobs.storewriter import StoreWriter
+from togembed.jobs.textindex import text_hash
+from togembed.jobs.writers import npy_ids_path
 from togembed.testing import fake_embeddings
 
 DIM = 32
@@ -302,7 +308,7 @@ async def test_rows_answered_during_a_commit_are_committed_without_waiting_for_m
 ) -> None:
     """The group commit behind the bound above: rows queued while a commit runs are committed
     right after it, not when the next answer happens to arrive (a whole round trip later)."""
-    writer = _Writer()
+    writer = StoreWriter()
     writer.store = JobStore.open(tmp_path / "j.sqlite", meta={})
     try:
         vectors = fake_embeddings(["a", "b", "c"], DIM)
@@ -646,13 +652,13 @@ def test_deadline_zero_sends_nothing_and_a_long_deadline_finishes(
     ],
 )
 def test_deadline_parsing(text: str, seconds: float) -> None:
-    assert cli_module._seconds(text) == seconds
+    assert parse_seconds(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "s", "m", "abc", "10 minutes", "-5", "1d", "5m2h", "1.2.3"])
 def test_bad_deadline_is_a_usage_error(tmp_path: Path, text: str) -> None:
     with pytest.raises(click.BadParameter):
-        cli_module._seconds(text)
+        parse_seconds(text)
     src = write_txt(tmp_path / "in.txt", ["x"])
     result = invoke(
         src,
@@ -726,7 +732,7 @@ def test_missing_api_key_for_a_remote_server_is_exit_2_before_any_network(
     def no_client(*args: object, **kwargs: object) -> None:
         raise AssertionError("a client was created without an API key")
 
-    monkeypatch.setattr(cli_module, "AsyncClient", no_client)
+    monkeypatch.setattr(cli_backends, "AsyncClient", no_client)
     src = write_txt(tmp_path / "in.txt", ["hello"])
     out = tmp_path / "out.parquet"
     result = invoke(src, "-o", out, "-m", MODEL, "--base-url", "https://api.together.xyz/v1")
@@ -876,7 +882,7 @@ def test_progress_is_plain_lines_and_a_summary_when_stderr_is_not_a_tty(
 def test_progress_lines_come_at_each_interval(
     tmp_path: Path, slow_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_module._Display, "INTERVAL", 0.1)
+    monkeypatch.setattr(Display, "INTERVAL", 0.1)
     texts = make_texts(1500)
     src = write_txt(tmp_path / "in.txt", texts)
     out = tmp_path / "out.parquet"
@@ -926,7 +932,7 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
     src = write_txt(tmp_path / "in.txt", texts)
     out = tmp_path / "out.parquet"
     calls = 0
-    write = _corpus._ParquetOutput._write
+    write = _writers._ParquetOutput._write
 
     def full_disk(self: Any, ids: Any, vectors: Any) -> None:
         nonlocal calls
@@ -935,7 +941,7 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
             raise OSError(errno.ENOSPC, "No space left on device")
         write(self, ids, vectors)
 
-    monkeypatch.setattr(_corpus._ParquetOutput, "_write", full_disk)
+    monkeypatch.setattr(_writers._ParquetOutput, "_write", full_disk)
     args = (src, "-o", out, "-m", MODEL, "--base-url", server.url, "--batch-size", "20")
     result = invoke(*args)
     assert result.exit_code == 1
@@ -943,7 +949,7 @@ def test_a_failing_disk_stops_the_job_with_exit_1_and_progress_kept(
     assert "progress is saved" in result.stderr
     assert not out.exists() and not (tmp_path / ".out.parquet.togembed-tmp").exists()
     paid = server.stats()["inputs"]
-    monkeypatch.setattr(_corpus._ParquetOutput, "_write", write)
+    monkeypatch.setattr(_writers._ParquetOutput, "_write", write)
     assert invoke(*args).exit_code == 0
     ids, vectors = read_output(out)
     assert ids == [str(k) for k in range(1, 301)]

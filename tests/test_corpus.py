@@ -14,21 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from togembed.core.errors import TogembedError
-from togembed.jobs import formats as _corpus
-from togembed.jobs.formats import (
-    CorpusError,
-    MissingDependencyError,
-    OutputFile,
+from togembed.jobs import readers as _readers
+from togembed.jobs import writers as _writers
+from togembed.jobs.filetypes import CorpusError, MissingDependencyError
+from togembed.jobs.readers import (
     Record,
     count_records,
     default_ids,
     detect_id_field,
-    npy_ids_path,
     read_blocks,
     read_records,
     scan_records,
-    write_output,
 )
+from togembed.jobs.writers import OutputFile, npy_ids_path, write_output
 
 
 def write(path: Path, data: str | bytes) -> Path:
@@ -98,7 +96,7 @@ def test_txt_blocks_split_lines_like_the_line_reader(
     tmp_path: Path, data: bytes, size: int
 ) -> None:
     path = write(tmp_path / "c.txt", data)
-    expected = [(n - 1, str(n), line) for n, line in _corpus._numbered_lines(path)]
+    expected = [(n - 1, str(n), line) for n, line in _readers._numbered_lines(path)]
     got = [
         (b.start + k, b.ids[k], text)
         for b in read_blocks(path, size=size)
@@ -132,7 +130,7 @@ def test_blocks_of_other_formats_group_records(tmp_path: Path) -> None:
 def test_scan_counts_txt_records_like_the_reader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes
 ) -> None:
-    monkeypatch.setattr(_corpus, "_COUNT_CHUNK", 3)  # multi-byte characters across chunks
+    monkeypatch.setattr(_readers, "_COUNT_CHUNK", 3)  # multi-byte characters across chunks
     path = write(tmp_path / "c.txt", data)
     assert scan_records(path) == len(records(path))
 
@@ -143,7 +141,7 @@ def test_scan_counts_txt_records_like_the_reader(
 def test_scan_names_the_bad_txt_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes, line: int
 ) -> None:
-    monkeypatch.setattr(_corpus, "_COUNT_CHUNK", 4)
+    monkeypatch.setattr(_readers, "_COUNT_CHUNK", 4)
     path = write(tmp_path / "c.txt", data)
     with pytest.raises(CorpusError, match=f"line {line}: not valid UTF-8"):
         scan_records(path)
@@ -384,7 +382,7 @@ def test_parquet_output_round_trip(tmp_path: Path) -> None:
 def test_parquet_output_wide_vectors_use_smaller_row_groups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_corpus, "_PARQUET_ROW_GROUP_BYTES", 64 * 4 * 100)
+    monkeypatch.setattr(_writers, "_PARQUET_ROW_GROUP_BYTES", 64 * 4 * 100)
     ids, vecs = sample(250, 64)
     path = tmp_path / "out.parquet"
     write_output(path, zip(ids, vecs, strict=True), dim=64, count=250)

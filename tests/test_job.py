@@ -21,9 +21,12 @@ from helpers import MakeServer
 from togembed import AsyncClient
 from togembed.jobs import job as _job
 from togembed.jobs import output as _joboutput
-from togembed.jobs.formats import CorpusError, npy_ids_path
-from togembed.jobs.job import JobOptions, run_job
-from togembed.jobs.store import JobStore, job_path
+from togembed.jobs.filetypes import CorpusError
+from togembed.jobs.job import JobOptions, JobProgress, run_job
+from togembed.jobs.jobfile import job_path
+from togembed.jobs.store import JobStore
+from togembed.jobs.storewriter import StoreWriter
+from togembed.jobs.writers import npy_ids_path
 from togembed.testing import fake_embeddings
 
 DIM = 16
@@ -32,7 +35,7 @@ DIM = 16
 def job_tasks() -> list[str]:
     """The job's own tasks still alive (the server's connection handlers live in this loop)."""
     names = (t.get_coro().__qualname__ for t in asyncio.all_tasks())  # type: ignore[union-attr]
-    return [n for n in names if n.startswith(("_Job.", "_Writer."))]
+    return [n for n in names if n.startswith(("_Job.", "Sender.", "StoreWriter.", "read_ahead"))]
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +109,7 @@ async def test_output_is_written_during_the_job_and_appears_only_when_complete(
     temp = tmp_path / f".out{suffix}.togembed-tmp"
     seen_temp: list[bool] = []
 
-    def progress(p: _job.JobProgress) -> None:
+    def progress(p: JobProgress) -> None:
         if 0 < p.embedded < len(texts):
             seen_temp.append(temp.exists())
             assert not out.exists()
@@ -181,15 +184,15 @@ async def test_paid_but_unrecorded_inputs_never_exceed_concurrency_x_batch(
     batch only when that stays within concurrency x batch size."""
     conc, batch = 3, 10
     committed = 0
-    write_groups = _job._Writer._write_groups
+    write_groups = StoreWriter._write_groups
 
-    def slow_commit(self: _job._Writer, groups: list[Any]) -> None:
+    def slow_commit(self: StoreWriter, groups: list[Any]) -> None:
         nonlocal committed
         time.sleep(0.03)
         write_groups(self, groups)
         committed += sum(len(g[0]) for g in groups)
 
-    monkeypatch.setattr(_job._Writer, "_write_groups", slow_commit)
+    monkeypatch.setattr(StoreWriter, "_write_groups", slow_commit)
     texts = [f"text {k}" for k in range(400)]
     src = tmp_path / "in.txt"
     src.write_text("".join(t + "\n" for t in texts), encoding="utf-8")

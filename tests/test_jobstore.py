@@ -20,21 +20,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from togembed.jobs import store as _jobstore
-from togembed.jobs.formats import write_output
-from togembed.jobs.store import (
-    DuplicateIdError,
-    JobCounts,
-    JobLockedError,
-    JobMismatchError,
-    JobStore,
-    Reconciled,
-    VectorCache,
-    cache_key,
-    job_path,
-    text_hash,
-    vectors_path,
-)
+from togembed.jobs import ids as _ids
+from togembed.jobs import vectorfile as _vectorfile
+from togembed.jobs import vectors as _vectors
+from togembed.jobs.cache import VectorCache, cache_key
+from togembed.jobs.ids import DuplicateIdError
+from togembed.jobs.jobfile import JobLockedError, JobMismatchError, job_path, vectors_path
+from togembed.jobs.reconcile import Reconciled
+from togembed.jobs.store import JobCounts, JobStore
+from togembed.jobs.textindex import text_hash
+from togembed.jobs.writers import write_output
 
 
 def stored_hashes(store: JobStore) -> dict[bytes, list[int]]:
@@ -257,7 +252,7 @@ def test_failures_add_replace_clear(store: JobStore) -> None:
 def test_register_ids_detects_duplicates_before_anything_is_paid(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_jobstore, "_REGISTER_CHUNK", 3)
+    monkeypatch.setattr(_ids, "_REGISTER_CHUNK", 3)
     ids = ["a", "b", "c", "d", "e", "b", "f"]  # "b" at positions 1 and 5, in other chunks
     with pytest.raises(
         DuplicateIdError, match="id 'b' appears twice in the input, at records 2 and 6"
@@ -278,7 +273,7 @@ def test_register_ids_duplicate_within_one_chunk(store: JobStore) -> None:
 def test_register_ids_resumes_and_counts(
     path: Path, store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_jobstore, "_REGISTER_CHUNK", 2)
+    monkeypatch.setattr(_ids, "_REGISTER_CHUNK", 2)
     ids = [f"r{i}" for i in range(7)]
 
     def killed_after_four() -> Iterator[tuple[int, str]]:
@@ -337,7 +332,7 @@ def test_record_duplicates_needs_a_stored_source(store: JobStore) -> None:
 
 
 def test_iter_hashes_in_chunks(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_jobstore, "_HASH_CHUNK", 500)
+    monkeypatch.setattr(_vectors, "_HASH_CHUNK", 500)
     positions = list(range(1200))
     record(store, positions)
     chunks = list(store.iter_hashes())
@@ -499,7 +494,8 @@ def test_failures_of_a_format_3_file_get_their_hash_column(path: Path) -> None:
 RECONCILE_CHILD = textwrap.dedent(
     """
     import sys
-    from togembed.jobs.store import JobStore, text_hash
+    from togembed.jobs.store import JobStore
+    from togembed.jobs.textindex import text_hash
 
     store = JobStore.open(sys.argv[1], meta={"model": "m", "v": 2}, changeable=("v",))
     point = sys.argv[2]
@@ -655,7 +651,7 @@ def test_a_batch_whose_commit_does_not_happen_is_never_referred_to(
         def interrupted(fd: int) -> None:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(_jobstore, "_datasync", interrupted)
+        monkeypatch.setattr(_vectorfile, "datasync", interrupted)
         with pytest.raises(KeyboardInterrupt):
             record(s, [1, 2, 3])
         monkeypatch.undo()
@@ -728,7 +724,7 @@ def test_iter_rows_reads_in_bounded_chunks(
 ) -> None:
     """Rows in another order than positions, duplicates pointing back, several chunks: every
     vector right, and no allocation near the size of all vectors."""
-    monkeypatch.setattr(_jobstore, "_READ_BYTES", 64 * DIM * 4)  # 64 rows per chunk
+    monkeypatch.setattr(_vectors, "_READ_BYTES", 64 * DIM * 4)  # 64 rows per chunk
     n, batch = 6000, 50
     starts = list(range(0, n, batch))
     for start in starts[1::2] + starts[0::2]:  # odd batches first: rows out of position order
@@ -755,7 +751,8 @@ CHILD = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from togembed.jobs.store import JobStore, text_hash
+    from togembed.jobs.store import JobStore
+    from togembed.jobs.textindex import text_hash
 
     B, D, DUP = 1024, 384, 1 << 22
     store = JobStore.open(sys.argv[1], meta={"model": "m"}, synchronous=sys.argv[2])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from togembed.core.protocol import error_from_response
 from togembed.core.stated_limits import (
     MAX_INPUT_CHARS,
     MAX_INPUT_TOKENS,
@@ -16,6 +15,7 @@ from togembed.core.stated_limits import (
     limit_from_message,
     request_token_budget,
 )
+from togembed.core.status_errors import error_from_response
 
 # (message as the server sends it, kind, limit, the refused amount where the message says it)
 REAL_WORDINGS = [

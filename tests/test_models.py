@@ -15,7 +15,8 @@ from standin_model import StandInModel
 
 import togembed
 from togembed import cli as cli_module
-from togembed.server.embedding_server import EmbeddingServer
+from togembed.cli import models as models_module
+from togembed.server import EmbeddingServer
 from togembed.testing import FakeTogetherServer, serve_in_thread
 
 make_app = pytest.fixture(name="make_app")(apps)
@@ -237,7 +238,7 @@ def test_models_command_on_together_without_embedding_models_points_to_dedicated
     where embeddings went. The URL is a loopback stand-in, so the hint is shown by content."""
     chat_only = [m for m in TOGETHER_MODELS if m["type"] != "embedding"]
     with app_in_thread({("GET", "/v1/models"): serving(chat_only)}) as app:
-        monkeypatch.setattr(cli_module, "_is_together", lambda url: True)
+        monkeypatch.setattr(models_module, "_is_together", lambda url: True)
         result = models_cli("--base-url", app.base_url)
         everything = models_cli("--base-url", app.base_url, "--all")
     assert result.exit_code == 0

@@ -1,4 +1,5 @@
-"""Protocol: request bodies, decoding and validating answers, error mapping, retry hints."""
+"""The wire protocol without I/O: request bodies (``protocol``), decoding and validating answers
+(``answers``), refusals mapped to errors and retry hints (``status_errors``)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,10 @@ import pytest
 from multidict import CIMultiDict
 
 import togembed
-from togembed.core.protocol import (
-    decode_embeddings,
-    encode_request,
-    error_from_response,
-    parse_retry_after,
-    redact,
-    rejected_arguments,
-)
+from togembed.core import answers
+from togembed.core.answers import decode_embeddings
+from togembed.core.protocol import encode_request, redact
+from togembed.core.status_errors import error_from_response, parse_retry_after, rejected_arguments
 
 
 def body(rows: list, *, b64: bool = False, order: list[int] | None = None, **extra) -> bytes:
@@ -37,11 +34,23 @@ def body(rows: list, *, b64: bool = False, order: list[int] | None = None, **ext
 ROWS = [[0.5, 1.0, -2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.25]]
 
 
+@pytest.fixture(params=["simdjson", "orjson"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Float answers are decoded by simdjson where it is installed, else by orjson: both
+    paths must give the same rows and the same verdicts."""
+    if request.param == "simdjson" and answers.simdjson is None:
+        pytest.skip("pysimdjson is not installed")
+    if request.param == "orjson":
+        monkeypatch.setattr(answers, "simdjson", None)
+    return str(request.param)
+
+
 def test_request_body_omits_encoding_when_none() -> None:
     assert orjson.loads(encode_request("m", ["a"], None)) == {"model": "m", "input": ["a"]}
     assert orjson.loads(encode_request("m", ("a", "b"), "base64"))["encoding_format"] == "base64"
 
 
+@pytest.mark.usefixtures("decoder")
 @pytest.mark.parametrize("b64", [False, True])
 def test_decode_places_shuffled_items_by_index(b64: bool) -> None:
     d = decode_embeddings(body(ROWS, b64=b64, order=[2, 0, 1]), 3)
@@ -51,12 +60,14 @@ def test_decode_places_shuffled_items_by_index(b64: bool) -> None:
     assert d.dim == 3 and d.is_base64 is b64 and d.model == "m"
 
 
+@pytest.mark.usefixtures("decoder")
 def test_decode_reads_optional_usage() -> None:
     assert decode_embeddings(body(ROWS), 3).usage is None
     u = decode_embeddings(body(ROWS, usage={"prompt_tokens": 7, "total_tokens": 7}), 3).usage
     assert u == togembed.Usage(prompt_tokens=7, total_tokens=7)
 
 
+@pytest.mark.usefixtures("decoder")
 def test_to_embeddings_converts_between_formats() -> None:
     d = decode_embeddings(body(ROWS, b64=True), 3)
     lists = d.to_embeddings(10, keep_base64=False)
@@ -81,16 +92,59 @@ def test_to_embeddings_converts_between_formats() -> None:
         (orjson.dumps({"data": [{"embedding": "abc", "index": 0}]}), 1, "dimension"),
     ],
 )
+@pytest.mark.usefixtures("decoder")
 def test_decode_rejects_malformed_answers(raw: bytes, expected: int, match: str) -> None:
     with pytest.raises(togembed.APIResponseValidationError, match=match):
         decode_embeddings(raw, expected)
 
 
+@pytest.mark.usefixtures("decoder")
 def test_decode_checks_dimension_against_earlier_batches() -> None:
     with pytest.raises(togembed.APIResponseValidationError, match="expected 4"):
         decode_embeddings(body(ROWS), 3, dim=4)
 
 
+def test_both_float_decoders_give_the_same_float32_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """simdjson parses the text to doubles and casts, as orjson + numpy do: bit for bit the
+    same float32 rows, whatever the text (long decimals, ints, exponents, subnormals, values
+    that round to infinity in float32)."""
+    if answers.simdjson is None:
+        pytest.skip("pysimdjson is not installed")
+    rng = np.random.default_rng(3)
+    texts = [[repr(v) for v in row] for row in rng.standard_normal((8, 64)).tolist()]
+    texts[0][:7] = ["0", "1", "-3", "1e-45", "3.4028235e38", "1e39", "-0.0"]
+    texts[1][:4] = ["0.1234567890123456789", "-2.5e-310", "1.5E+2", "12345678901234567890"]
+    items = [
+        b'{"object":"embedding","index":%d,"embedding":[%s]}' % (i, ",".join(texts[i]).encode())
+        for i in (3, 1, 0, 2, 7, 6, 5, 4)
+    ]
+    raw = b'{"object":"list","model":"m","data":[%s],"usage":{"prompt_tokens":9}}' % (
+        b",".join(items)
+    )
+    fast = decode_embeddings(raw, 8)
+    assert isinstance(fast.rows, np.ndarray)  # the simdjson path was taken
+    monkeypatch.setattr(answers, "simdjson", None)
+    slow = decode_embeddings(raw, 8)
+    a, b = np.empty((8, 64), np.float32), np.empty((8, 64), np.float32)
+    fast.write_into(a)
+    slow.write_into(b)
+    assert a.tobytes() == b.tobytes()
+    assert (fast.usage, fast.model, fast.dim) == (slow.usage, slow.model, slow.dim)
+    # ``create`` gives the server's numbers as doubles either way (an int as its double)
+    fast_lists = [e.embedding for e in fast.to_embeddings(0, keep_base64=False)]
+    slow_lists = [e.embedding for e in slow.to_embeddings(0, keep_base64=False)]
+    assert np.array(fast_lists).tobytes() == np.array(slow_lists, dtype=np.float64).tobytes()
+
+
+def test_an_answer_simdjson_cannot_read_is_decoded_by_orjson() -> None:
+    """An integer beyond 64 bits is valid JSON that simdjson refuses: the answer is not lost."""
+    raw = b'{"data":[{"index":0,"embedding":[1.5,12345678901234567890123]}]}'
+    out = np.empty((1, 2), np.float32)
+    decode_embeddings(raw, 1).write_into(out)
+    assert out.tolist() == [[1.5, np.float32(12345678901234567890123.0)]]
+
+
+@pytest.mark.usefixtures("decoder")
 def test_non_numeric_values_are_a_validation_error() -> None:
     d = decode_embeddings(orjson.dumps({"data": [{"embedding": ["a", "b"], "index": 0}]}), 1)
     with pytest.raises(togembed.APIResponseValidationError):

@@ -22,7 +22,7 @@ import pytest
 from helpers import MakeServer
 
 import togembed
-import togembed.server.fake
+import togembed.server.fake.backend
 from togembed.testing import FakeTogetherServer, fake_embeddings
 
 T = TypeVar("T")
@@ -101,7 +101,7 @@ def virtual_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualClock]:
     it: rates are then measured by both sides in the same, virtual, seconds."""
     clock = VirtualClock()
     fake_time = types.SimpleNamespace(**{**vars(time), "monotonic": clock})
-    monkeypatch.setattr(togembed.server.fake, "time", fake_time)
+    monkeypatch.setattr(togembed.server.fake.backend, "time", fake_time)
     yield clock
 
 

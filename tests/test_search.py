@@ -21,8 +21,9 @@ from standin_model import StandInModel
 
 from togembed import cli as cli_module
 from togembed.core.config import DEFAULT_LOCAL_MODEL
-from togembed.jobs.formats import npy_ids_path
-from togembed.jobs.store import JobStore, job_path
+from togembed.jobs.jobfile import job_path
+from togembed.jobs.store import JobStore
+from togembed.jobs.writers import npy_ids_path
 from togembed.testing import FakeTogetherServer, fake_embedding, fake_embeddings, serve_in_thread
 
 DIM = 32

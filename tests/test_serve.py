@@ -29,18 +29,17 @@ from helpers import wait_until
 from standin_model import StandInModel
 
 import togembed
-import togembed.server.embedding_server
-from togembed.server.embedding_server import (
+import togembed.server.app
+from togembed.server import (
     EmbeddingServer,
     ServeStats,
-    _Batcher,
-    _is_loopback_host,
-    _Job,
     local_server,
     ready_line,
     serve,
     stopped_line,
 )
+from togembed.server.app import is_loopback_host
+from togembed.server.batcher import Batcher, Job
 
 MODEL = "test/stand-in-mini"
 DIM = 8
@@ -459,7 +458,7 @@ async def test_a_huge_request_does_not_starve_a_small_one(make_serve, http) -> N
 
 
 async def test_each_batch_is_shared_between_queued_requests() -> None:
-    batcher = _Batcher(
+    batcher = Batcher(
         StandInModel(),
         max_batch=8,
         max_wait=0,
@@ -468,7 +467,7 @@ async def test_each_batch_is_shared_between_queued_requests() -> None:
     )
     loop = asyncio.get_running_loop()
     jobs = [
-        _Job([f"{name}{i}" for i in range(n)], DIM, loop.create_future(), 0.0)
+        Job([f"{name}{i}" for i in range(n)], DIM, loop.create_future(), 0.0)
         for name, n in (("a", 100), ("b", 3), ("c", 1))
     ]
     for job in jobs:
@@ -677,7 +676,7 @@ import asyncio
 import sys
 
 from standin_model import StandInModel
-from togembed.server.embedding_server import serve
+from togembed.server import serve
 
 
 class Held(StandInModel):
@@ -817,13 +816,13 @@ async def test_serve_can_be_stopped_while_the_model_is_still_loading(monkeypatch
     ],
 )
 def test_loopback_hosts(host: str, loopback: bool) -> None:
-    assert _is_loopback_host(host) is loopback
+    assert is_loopback_host(host) is loopback
 
 
 async def test_serve_warns_when_reachable_from_other_machines_without_a_key(
     monkeypatch, capsys
 ) -> None:
-    monkeypatch.setattr(togembed.server.embedding_server, "_is_loopback_host", lambda host: False)
+    monkeypatch.setattr(togembed.server.app, "is_loopback_host", lambda host: False)
     for api_key, warned in ((None, True), ("k", False)):
         out = io.StringIO()
         stop = asyncio.Event()

@@ -25,8 +25,10 @@ from click.testing import CliRunner
 from standin_model import StandInModel
 
 import togembed
-import togembed.server.embedding_server
+import togembed.server
+import togembed.server.local_backend
 from togembed import cli as cli_module
+from togembed.cli.exits import EXIT_USAGE
 from togembed.server.listen import ListenError
 
 MODEL = "test/stand-in-mini"
@@ -61,6 +63,11 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=60)
 
 
+def patch_serve(monkeypatch: pytest.MonkeyPatch, fake_serve: Any) -> None:
+    """Replace the serve() the CLI runs: it imports it lazily from togembed.server."""
+    monkeypatch.setattr(togembed.server, "serve", fake_serve)
+
+
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     """A port another socket is listening on."""
@@ -87,7 +94,7 @@ def busy_port() -> Iterator[int]:
 )
 def test_a_busy_port_is_one_line_and_exit_2(busy_port: int, real: bool) -> None:
     proc = run(serve_cmd("--port", busy_port, real=real))
-    assert proc.returncode == cli_module.EXIT_USAGE == 2, proc.stderr
+    assert proc.returncode == EXIT_USAGE == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"error: cannot listen on 127.0.0.1:{busy_port}: address already in use "
         "(try --port 0 for any free port, or another port)"
@@ -133,7 +140,7 @@ def test_an_unknown_host_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         raise ListenError("nosuch.example", 8000, socket.gaierror(socket.EAI_NONAME, "nope"))
 
-    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
+    patch_serve(monkeypatch, fake_serve)
     with pytest.raises(SystemExit) as info:
         cli_module.main(["serve", "--host", "nosuch.example"])
     assert info.value.code == 2
@@ -212,7 +219,7 @@ def captured(monkeypatch) -> Iterator[dict[str, Any]]:
     async def fake_serve(*args: Any, **kwargs: Any) -> None:
         calls["args"], calls["kwargs"] = args, kwargs
 
-    monkeypatch.setattr(togembed.server.embedding_server, "serve", fake_serve)
+    patch_serve(monkeypatch, fake_serve)
     log = logging.getLogger("togembed.access")
     saved = (list(log.handlers), log.level, log.propagate)
     yield calls
@@ -256,7 +263,7 @@ def test_serve_flags_reach_serve(captured: dict[str, Any]) -> None:
 def test_serve_flag_defaults_are_the_servers(captured: dict[str, Any]) -> None:
     result = CliRunner().invoke(cli_module.cli, ["serve"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    s = togembed.server.embedding_server
+    s = togembed.server.local_backend
     assert captured["args"] == (s.DEFAULT_HOST, s.DEFAULT_PORT, None, None)
     assert captured["kwargs"] == {
         "aliases": (),

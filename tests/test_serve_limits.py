@@ -19,7 +19,7 @@ import pytest
 from helpers import wait_until
 from standin_model import StandInModel
 
-from togembed.server.embedding_server import EmbeddingServer
+from togembed.server import EmbeddingServer
 from togembed.server.listen import ListenError
 
 MODEL = "test/stand-in-mini"

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from togembed.jobs import textindex as _textindex
-from togembed.jobs.store import text_hash
-from togembed.jobs.textindex import TextIndex
+from togembed.jobs.textindex import TextIndex, text_hash
 
 
 def test_lookup_agrees_with_a_dict_across_merges(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping, Sequence
@@ -14,7 +13,7 @@ import attrs
 import numpy as np
 
 from .._version import __version__
-from ..core.batching import find_invalid_input, invalid_input_error, normalize_input
+from ..core.batching import normalize_input
 from ..core.call import run_call
 from ..core.coalesce import Coalescer, expected_wait
 from ..core.config import (
@@ -40,22 +39,18 @@ from ..core.sinks import ArraySink, ListSink, Sink
 from ..core.stream import EmbeddingChunk, EmbeddingStream, TextBlocks
 from ..core.transport import AiohttpTransport, Transport
 from ..core.types import EmbeddingResponse
+from .arguments import (
+    ENCODINGS,
+    call_options,
+    check_encoding,
+    check_inputs,
+    check_model,
+    positive,
+    secrets_of,
+)
 from .models import AsyncModels
 
 __all__ = ["AsyncClient", "AsyncEmbeddings"]
-
-_CHECK_CHUNK = 50_000  # inputs type-checked per event-loop step (~2 ms)
-_ENCODINGS = ("base64", "float")
-# Headers whose values are secrets, redacted from server texts like the API key. Shorter values
-# are not redacted: no real key is that short, and replacing e.g. every "k" would garble text.
-_SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
-_MIN_SECRET = 8
-
-
-def _positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class AsyncEmbeddings:
@@ -91,8 +86,8 @@ class AsyncEmbeddings:
         started = time.monotonic()
         texts = normalize_input(input)
         model = client._model_for(model)
-        fmt = client._check_encoding(encoding_format)
-        options = client._options(
+        fmt = check_encoding(encoding_format)
+        options = call_options(
             started, timeout, dimensions, user, extra_headers, extra_query, extra_body
         )
         sink = ListSink(len(texts), keep_base64=fmt == "base64")
@@ -133,12 +128,12 @@ class AsyncClient:
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if encoding_format not in _ENCODINGS:
+        if encoding_format not in ENCODINGS:
             raise ValueError(
                 f"encoding_format must be 'base64' or 'float', not {encoding_format!r}"
             )
         if model is not None:
-            _check_model(model)
+            check_model(model)
         if not (isinstance(coalesce_window, (int, float)) and 0 <= coalesce_window < math.inf):
             raise ValueError(f"coalesce_window must be >= 0 seconds, got {coalesce_window!r}")
         if retry is None:
@@ -159,9 +154,9 @@ class AsyncClient:
         self.model = model
         self.timeout = float(timeout)
         self.retry = retry
-        self.batch_size = _positive("batch_size", batch_size)
-        self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens)
-        self.concurrency = _positive("concurrency", concurrency)
+        self.batch_size = positive("batch_size", batch_size)
+        self.max_batch_tokens = positive("max_batch_tokens", max_batch_tokens)
+        self.concurrency = positive("concurrency", concurrency)
         self.encoding_format: EncodingFormat = encoding_format
         self._stats = ClientStats()
         self.embeddings = AsyncEmbeddings(self)
@@ -178,7 +173,7 @@ class AsyncClient:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         self._settings = CallSettings(
-            secrets=_secrets(self._api_key, headers),
+            secrets=secrets_of(self._api_key, headers),
             transport=self._transport,
             url=f"{self.base_url}/embeddings",
             headers=headers,
@@ -233,7 +228,7 @@ class AsyncClient:
         started = time.monotonic()
         items = normalize_input(texts)
         model = self._model_for(model)
-        options = self._options(
+        options = call_options(
             started, timeout, dimensions, user, extra_headers, extra_query, extra_body
         )
         sink = ArraySink(len(items))
@@ -269,7 +264,7 @@ class AsyncClient:
             self._settings,
             texts,
             model,
-            window=_positive("window", window),
+            window=positive("window", window),
             collect=errors == "collect",
             before_send=self._check_api_key,  # at the first request: an empty stream needs none
         )
@@ -304,60 +299,8 @@ class AsyncClient:
             model = self.model
             if model is None:
                 raise InvalidModelError("no model: pass model=... or AsyncClient(model=...)")
-        _check_model(model)
+        check_model(model)
         return model
-
-    @staticmethod
-    def _check_timeout(timeout: object) -> float:
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        return float(timeout)
-
-    def _options(
-        self,
-        started: float,
-        timeout: float | None,
-        dimensions: int | None,
-        user: str | None,
-        extra_headers: Mapping[str, str | None] | None,
-        extra_query: Mapping[str, Any] | None,
-        extra_body: Mapping[str, Any] | None,
-    ) -> CallOptions | None:
-        """The call's options, or None when it passes none (nothing to do per call)."""
-        if (
-            timeout is None
-            and dimensions is None
-            and user is None
-            and not extra_headers
-            and not extra_query
-            and not extra_body
-        ):
-            return None
-        if dimensions is not None and (
-            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
-        ):
-            raise ValueError(f"dimensions must be a positive integer, got {dimensions!r}")
-        if user is not None and not isinstance(user, str):
-            raise ValueError(f"user must be a str, got {type(user).__name__}")
-        return CallOptions(
-            dimensions=dimensions,
-            user=user,
-            extra_headers=extra_headers,
-            extra_query=extra_query,
-            extra_body=extra_body,
-            timeout=None if timeout is None else self._check_timeout(timeout),
-            deadline=None if timeout is None else started + self._check_timeout(timeout),
-        )
-
-    def _check_encoding(self, fmt: str | None) -> EncodingFormat | None:
-        if fmt is not None and fmt not in _ENCODINGS:
-            raise ValueError(f"encoding_format must be 'base64' or 'float', not {fmt!r}")
-        return fmt  # type: ignore[return-value]
 
     def _check_api_key(self) -> None:
         if not self._api_key and not is_loopback_url(self.base_url):
@@ -377,43 +320,7 @@ class AsyncClient:
             return
         self._stats.calls += 1
         self._check_api_key()
-        await _check_inputs(texts)
+        await check_inputs(texts)
         await run_call(
             self._settings, texts, model, sink, prefer_float=fmt == "float", options=options
         )
-
-
-def _check_model(model: object) -> None:
-    if not isinstance(model, str):
-        raise InvalidModelError(f"model must be a str, not {type(model).__name__}")
-    if not model.strip():
-        raise InvalidModelError(
-            'model is empty: pass a model name (model="" does not mean the client\'s default; '
-            "leave model out for that)"
-        )
-
-
-def _secrets(api_key: str | None, headers: Mapping[str, str]) -> tuple[str, ...]:
-    """The values redacted from every server text: the key, and secret-looking headers."""
-    found = [api_key] if api_key else []
-    for name, value in headers.items():
-        if name.lower() in _SECRET_HEADERS and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            # "Bearer <key>" becomes "Bearer [REDACTED]": the scheme says what was hidden
-            found.append(token if token and scheme.lower() == "bearer" else value)
-    # longest first, so a secret containing another is replaced whole
-    unique = {v for v in found if len(v) >= _MIN_SECRET}
-    return tuple(sorted(unique, key=len, reverse=True))
-
-
-async def _check_inputs(texts: Sequence[object]) -> None:
-    """Refuse inputs that cannot be sent (non-strings, lone surrogates) before anything is
-    sent (and paid for), naming the first one; in chunks, so a million inputs never stall the
-    event loop."""
-    n = len(texts)
-    for start in range(0, n, _CHECK_CHUNK):
-        bad = find_invalid_input(texts, start, min(n, start + _CHECK_CHUNK))
-        if bad is not None:
-            raise invalid_input_error(texts, bad)
-        if n > _CHECK_CHUNK:
-            await asyncio.sleep(0)

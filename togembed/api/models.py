@@ -16,9 +16,11 @@ import attrs
 import orjson
 
 from ..core.errors import APIResponseValidationError, APITimeoutError
-from ..core.protocol import error_from_response, redact, request_id_of
+from ..core.protocol import redact, request_id_of
 from ..core.retry import call_with_retries
+from ..core.status_errors import error_from_response
 from ..core.types import _Serializable
+from .arguments import check_timeout
 
 if TYPE_CHECKING:
     from .async_client import AsyncClient
@@ -153,7 +155,7 @@ class AsyncModels:
         settings = c._settings
         url = f"{c.base_url}/models"
         headers = {k: v for k, v in settings.headers.items() if k.lower() != "content-type"}
-        deadline = None if timeout is None else time.monotonic() + c._check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
 
         async def attempt() -> list[Model]:
             limit = c.timeout

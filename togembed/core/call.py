@@ -15,11 +15,11 @@ from urllib.parse import urlencode
 
 import orjson
 
+from .answers import DecodedBatch
 from .batching import Batch, plan_batches, split_batch
 from .coalesce import RequestShape, Resize, SendAlone, expected_wait
 from .config import EncodingFormat
 from .errors import (
-    APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
     DeadlineExceededError,
@@ -27,7 +27,7 @@ from .errors import (
     ModelNotAvailableError,
 )
 from .limiter import Feedback, Ticket
-from .protocol import DecodedBatch, encode_request
+from .protocol import encode_request
 from .refusals import refused_arguments, rejects_input, stated_limit, too_many_inputs
 from .request import Abort, CallAborted, post_batch
 from .retry import call_with_retries
@@ -119,20 +119,6 @@ class _Call:
             and (batch.tokens < s.token_budget())
         )
 
-    def _deadline_error(self, wait: float | None) -> DeadlineExceededError:
-        timeout = self.options.timeout if self.options is not None else None
-        if wait is None:
-            return DeadlineExceededError(
-                f"the call's timeout of {timeout:g} s passed while it waited for the rate "
-                "limit; nothing was sent"
-            )
-        return DeadlineExceededError(
-            f"the call cannot be sent within its timeout of {timeout:g} s: the expected wait "
-            f"at the rate limit is {wait:.3g} s ({self.s.stats.waiting} calls waiting); "
-            "nothing was sent",
-            expected_wait=wait,
-        )
-
     async def _acquire(self, tokens: int) -> Ticket:
         """A limiter ticket, waiting no longer than the call's deadline (never sent after it,
         and not waited for at all when the queue ahead is sure to outlast it)."""
@@ -142,11 +128,11 @@ class _Call:
         left = self.deadline - time.monotonic()
         wait = expected_wait(limiter)
         if wait + (self.s.fastest_answer or 0.0) > left:
-            raise self._deadline_error(wait)
+            raise _deadline_error(self, wait)
         try:
             return await asyncio.wait_for(limiter.acquire(tokens), left)
         except asyncio.TimeoutError:
-            raise self._deadline_error(None) from None
+            raise _deadline_error(self, None) from None
 
     async def send(
         self, batch: Batch, fmt: EncodingFormat | None, extra: dict[str, Any] | None
@@ -171,7 +157,7 @@ class _Call:
                     except SendAlone:
                         pass  # refused with other calls' texts: this batch goes alone
                     except DeadlineExceededError as exc:  # said in the call's words
-                        raise self._deadline_error(exc.expected_wait) from None
+                        raise _deadline_error(self, exc.expected_wait) from None
                     else:
                         if self.dim is not None and decoded.dim != self.dim:
                             raise APIResponseValidationError(
@@ -191,7 +177,7 @@ class _Call:
                 if abort.error is not None:
                     raise CallAborted
                 if timeout <= soonest:
-                    raise self._deadline_error(None)
+                    raise _deadline_error(self, None)
                 raise Resize  # the limiter learned a smaller budget while we waited
             decoded = await post_batch(
                 s,
@@ -207,25 +193,11 @@ class _Call:
             self.dim = decoded.dim
             return decoded
 
-        def on_retry(exc: BaseException, wait: float) -> None:
-            s.stats.retries += 1
-            if isinstance(exc, APIConnectionError) and not s.warned_connection:
-                s.warned_connection = True  # once per client: a server that is down says so
-                logger.warning(
-                    "cannot reach %s (%s); retrying, up to %d times (no more warnings; "
-                    "RetryPolicy(connect_retries=0) fails at once instead)",
-                    s.url,
-                    exc,
-                    s.retry.max_connect_retries
-                    if getattr(exc, "connect_failed", False)
-                    else s.retry.max_retries,
-                )
-
         return await call_with_retries(
             attempt,
             s.retry,
             describe=f"inputs [{batch.start}:{batch.stop}]",
-            on_retry=on_retry,
+            on_retry=s.retried,
             deadline=self.deadline,
         )
 
@@ -276,25 +248,11 @@ class _Call:
             return
         asked = self.options.dimensions if self.options is not None else None
         if asked is not None and decoded.dim != asked:
-            raise self._dimensions_error(asked, decoded.dim)
+            raise _dimensions_error(self.s, self.model, asked, decoded.dim)
         s.stats.inputs += batch.size
         s.stats.estimated_tokens += batch.tokens
         async with s.cpu_gate:
             self.sink.write(batch, decoded)
-
-    def _dimensions_error(self, asked: int, got: int) -> DimensionsNotSupportedError:
-        refusal = self.s.no_dimensions.get(self.model)
-        if refusal is not None:
-            message = (
-                f"this server does not support dimensions={asked} for model {self.model!r}; "
-                f"the model returns {got} (the server said: {refusal})"
-            )
-        else:
-            message = (
-                f"dimensions={asked} was asked, but the server answered vectors of {got} "
-                f"dimensions for model {self.model!r}: it ignores the argument"
-            )
-        return DimensionsNotSupportedError(message, dimensions=asked, model_dimensions=got)
 
     async def _recover(
         self,
@@ -347,6 +305,40 @@ class _Call:
                 self.on_input_error(batch.start, exc)
                 return
         raise exc
+
+
+def _deadline_error(call: _Call, wait: float | None) -> DeadlineExceededError:
+    """Nothing was sent for the call: its timeout passed (``wait`` None) or would pass in the
+    queue at the rate limit."""
+    timeout = call.options.timeout if call.options is not None else None
+    if wait is None:
+        return DeadlineExceededError(
+            f"the call's timeout of {timeout:g} s passed while it waited for the rate "
+            "limit; nothing was sent"
+        )
+    return DeadlineExceededError(
+        f"the call cannot be sent within its timeout of {timeout:g} s: the expected wait "
+        f"at the rate limit is {wait:.3g} s ({call.s.stats.waiting} calls waiting); "
+        "nothing was sent",
+        expected_wait=wait,
+    )
+
+
+def _dimensions_error(
+    s: CallSettings, model: str, asked: int, got: int
+) -> DimensionsNotSupportedError:
+    refusal = s.no_dimensions.get(model)
+    if refusal is not None:
+        message = (
+            f"this server does not support dimensions={asked} for model {model!r}; "
+            f"the model returns {got} (the server said: {refusal})"
+        )
+    else:
+        message = (
+            f"dimensions={asked} was asked, but the server answered vectors of {got} "
+            f"dimensions for model {model!r}: it ignores the argument"
+        )
+    return DimensionsNotSupportedError(message, dimensions=asked, model_dimensions=got)
 
 
 async def _run_pool(

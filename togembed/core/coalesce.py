@@ -24,10 +24,11 @@ from typing import Any
 
 import attrs
 
+from .answers import DecodedBatch
 from .config import EncodingFormat
 from .errors import APIConnectionError, APIStatusError, APITimeoutError, DeadlineExceededError
 from .limiter import Feedback, Limiter, Ticket
-from .protocol import DecodedBatch, encode_request
+from .protocol import encode_request
 from .refusals import rejects_input
 from .request import Abort, CallAborted, post_batch
 from .settings import CallSettings

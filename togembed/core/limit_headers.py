@@ -9,7 +9,13 @@ from collections.abc import Mapping
 
 import attrs
 
-__all__ = ["LimitHeaders", "has_rate_signal", "parse_limit_headers", "per_second"]
+__all__ = [
+    "LimitHeaders",
+    "has_rate_signal",
+    "parse_limit_headers",
+    "per_second",
+    "shows_room",
+]
 
 
 @attrs.frozen
@@ -109,3 +115,13 @@ def has_rate_signal(headers: Mapping[str, str]) -> bool:
         if raw is not None and raw.strip() not in ("0", "0.0", ""):
             return True
     return False
+
+
+def shows_room(headers: Mapping[str, str], tokens: float) -> bool:
+    """Whether the headers still show room for a request of ``tokens``: a 429 that says so is
+    one of Together's sporadic refusals below the limit, not a sign of going too fast."""
+    info = parse_limit_headers(headers)
+    req, tok = info.requests_remaining, info.tokens_remaining
+    if req is None and tok is None:
+        return False
+    return (req is None or req >= 1) and (tok is None or tok >= tokens)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterable
 
 import attrs
 
-from .limit_headers import has_rate_signal, parse_limit_headers, per_second
+from .limit_headers import has_rate_signal, parse_limit_headers, per_second, shows_room
 from .limiter import Feedback, RateLimiterStats, Ticket
 
 __all__ = ["DEFAULT_BURST_SECONDS", "DEFAULT_MAX_PAUSE", "Bucket", "Pacer"]
@@ -262,15 +263,8 @@ class Pacer:
             return True
         if not (has_rate_signal(fb.headers) or (fb.retry_after or 0) > 0):
             return False
-        return not self._headers_show_room(fb, ticket)
-
-    def _headers_show_room(self, fb: Feedback, ticket: Ticket) -> bool:
-        info = parse_limit_headers(fb.headers)
-        req, tok = info.requests_remaining, info.tokens_remaining
-        if req is None and tok is None:
-            return False
         cap = self.tokens.capacity if self.tokens is not None else float(ticket.tokens)
-        return (req is None or req >= 1) and (tok is None or tok >= min(ticket.tokens, cap))
+        return not shows_room(fb.headers, min(ticket.tokens, cap))
 
     def _slow_down(self, now: float, ticket: Ticket, fb: Feedback) -> str | None:
         retry_after = fb.retry_after
@@ -287,7 +281,7 @@ class Pacer:
         if self.req_ceiling is None and self.tok_ceiling is None:
             # No limit known: take the pace we were going at when the server objected, if we
             # have seen enough of it; otherwise the pause and the in-flight cap must do.
-            self.req_ceiling = self._recent_rate(now)
+            self.req_ceiling = _recent_rate(self.sent_times, now)
             self.learned = self.guessed = self.req_ceiling is not None
         self.factor = max(0.05, self.factor * _DECREASE)
         self.recovered_at = now
@@ -320,13 +314,6 @@ class Pacer:
             if self.tokens is not None and self.tok_ceiling is not None:
                 self.tokens.rate = self.tok_ceiling * headroom
 
-    def _recent_rate(self, now: float) -> float | None:
-        """Requests/s sent over the last 5 s, if there were enough to tell."""
-        times = [t for t in self.sent_times if t >= now - 5.0]
-        if len(times) >= 8 and times[-1] - times[0] >= 0.2:
-            return (len(times) - 1) / (times[-1] - times[0])
-        return None
-
     def _describe(self) -> str:
         parts = []
         if self.requests is not None:
@@ -346,3 +333,11 @@ class Pacer:
             slowdowns=self.slowdowns,
             paused_for=max(0.0, self.paused_until - now),
         )
+
+
+def _recent_rate(sent_times: Iterable[float], now: float) -> float | None:
+    """Requests/s sent over the last 5 s, if there were enough to tell."""
+    times = [t for t in sent_times if t >= now - 5.0]
+    if len(times) >= 8 and times[-1] - times[0] >= 0.2:
+        return (len(times) - 1) / (times[-1] - times[0])
+    return None

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 
 from .errors import APIStatusError
-from .protocol import rejected_arguments
 from .stated_limits import MAX_INPUTS, StatedLimit, limit_from_message
+from .status_errors import rejected_arguments
 
 __all__ = [
     "refused_arguments",

@@ -12,10 +12,12 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from .answers import DecodedBatch, decode_embeddings
 from .errors import ModelNotAvailableError
 from .limiter import Feedback, Ticket
-from .protocol import DecodedBatch, decode_embeddings, error_from_response, request_id_of
+from .protocol import request_id_of
 from .settings import CallSettings
+from .status_errors import error_from_response
 
 __all__ = ["Abort", "CallAborted", "post_batch"]
 

@@ -15,6 +15,7 @@ import attrs
 import orjson
 
 from .config import EncodingFormat, RetryPolicy
+from .errors import APIConnectionError
 from .limiter import Limiter
 from .stated_limits import (
     MAX_INPUT_CHARS,
@@ -94,6 +95,19 @@ class CallSettings:
     # The quickest answer seen (seconds): a request with less time left cannot be answered in
     # time, so it is not sent (it would spend the rate limit for nothing).
     fastest_answer: float | None = None
+
+    def retried(self, exc: BaseException, wait: float) -> None:
+        """Count a retry; say once per client that the server cannot be reached."""
+        self.stats.retries += 1
+        if isinstance(exc, APIConnectionError) and not self.warned_connection:
+            self.warned_connection = True
+            logger.warning(
+                "cannot reach %s (%s); retrying, up to %d times (no more warnings; "
+                "RetryPolicy(connect_retries=0) fails at once instead)",
+                self.url,
+                exc,
+                self.retry.max_connect_retries if exc.connect_failed else self.retry.max_retries,
+            )
 
     def token_budget(self) -> int:
         """Estimated tokens one request may carry: the client's budget (lowered when a server

@@ -7,8 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .answers import DecodedBatch
 from .batching import Batch
-from .protocol import DecodedBatch
 from .types import Embedding, EmbeddingResponse, Usage
 
 __all__ = ["ArraySink", "ListSink", "Sink"]

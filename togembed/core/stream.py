@@ -20,6 +20,7 @@ from typing import cast, overload
 import attrs
 import numpy as np
 
+from .answers import DecodedBatch
 from .batching import Batch, describe_invalid, estimate_tokens, is_sendable
 from .call import _Call
 from .errors import (
@@ -28,7 +29,6 @@ from .errors import (
     InvalidInputError,
     TogembedError,
 )
-from .protocol import DecodedBatch
 from .request import Abort, CallAborted
 from .settings import CallSettings
 

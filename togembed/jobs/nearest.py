@@ -3,13 +3,14 @@
 An output says how its vectors were made (the model, the input and its fields) in its Parquet
 schema metadata; a .npy or .jsonl output has no place for it, and the job file beside it (while
 it is kept) says the same. A query must be embedded with the same model.
+
+May import: the standard library, attrs, numpy, orjson, pyarrow (on demand); ``filetypes``,
+``jobfile``, ``readers``, ``writers``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,10 @@ import attrs
 import numpy as np
 import orjson
 
-from .formats import (
-    OUTPUT_SUFFIXES,
-    PARQUET_META_KEY,
-    CorpusError,
-    MissingDependencyError,
-    npy_ids_path,
-    read_records,
-)
-from .store import job_path
+from .filetypes import OUTPUT_SUFFIXES, CorpusError, MissingDependencyError
+from .jobfile import job_path, started_with
+from .readers import read_records
+from .writers import PARQUET_META_KEY, npy_ids_path
 
 __all__ = ["TextSource", "load_output", "made_with", "nearest", "texts_of"]
 
@@ -122,25 +118,7 @@ def made_with(path: Path) -> dict[str, Any]:
                 found = orjson.loads(meta[PARQUET_META_KEY])
                 if isinstance(found, dict):
                     return found
-    return _job_meta(job_path(path))
-
-
-def _job_meta(path: Path) -> dict[str, Any]:
-    """The settings a job file was started with; {} if there is none, or it is in use."""
-    if not path.is_file():
-        return {}
-    try:
-        conn = sqlite3.connect(path, timeout=0)
-    except sqlite3.Error:
-        return {}
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'job'").fetchone()
-        found = json.loads(row[0]) if row else {}
-    except (sqlite3.Error, ValueError):  # locked by a running job, or not a job file
-        return {}
-    finally:
-        conn.close()
-    return found if isinstance(found, dict) else {}
+    return started_with(job_path(path))
 
 
 def texts_of(source: TextSource, wanted: set[str]) -> dict[str, str]:

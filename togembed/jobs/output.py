@@ -6,6 +6,8 @@ a cursor: whenever the positions from it on are finished, their rows go, in orde
 that encodes and writes them (``OutputFile``). Answers go from memory; the other rows are read
 back from the store. Nothing is published before the job is complete; a complete job always
 publishes its file, an empty one (the right columns, no rows) when no input has a vector.
+
+May import: the standard library, numpy; ``store``, ``writers``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .formats import OutputFile
 from .store import JobStore
+from .writers import OutputFile
 
 __all__ = ["OutputFollower"]
 

@@ -1,4 +1,5 @@
-"""Text hash -> position of a stored row with that text: the corpus job's dedup, in memory.
+"""The corpus job's dedup: a text's hash (``text_hash``), and text hash -> position of a stored
+row with that text, in memory (``TextIndex``).
 
 Compact, because a job may hold millions of distinct texts: 24 bytes per text (24 MB per
 million) in sorted numpy runs, plus a small dict of the latest additions that becomes a run
@@ -12,26 +13,34 @@ the rest of recording a batch, 4x the job's time at 1M texts.)
 A lookup matches both 8-byte halves of the hash. Two different texts whose hashes share the
 first half (about 1 in 10^7 for a million texts) may hide each other: the later one is then
 embedded again, never given the other's vector.
+
+May import: the standard library, numpy.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["TextIndex"]
+__all__ = ["HASH_SIZE", "TextIndex", "text_hash"]
 
-_HASH_SIZE = 16
+HASH_SIZE = 16  # bytes of a text hash
 _RECENT_MAX = 32_768  # additions kept in the dict before they become a run (~5 MB)
 _RUN_MAX = 140_000  # entries of the largest run: about 1 MB per array (4 flushes' worth)
+
+
+def text_hash(text: str) -> bytes:
+    """The dedup key of a text within a job: 16 bytes of BLAKE2b over its UTF-8."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=HASH_SIZE).digest()
 
 
 def _halves(hashes: Sequence[bytes]) -> np.ndarray:
     """(n, 2) uint64: the two halves of each 16-byte hash."""
     joined = b"".join(hashes)
-    if len(joined) != _HASH_SIZE * len(hashes):
-        raise ValueError(f"text hashes must be {_HASH_SIZE} bytes")
+    if len(joined) != HASH_SIZE * len(hashes):
+        raise ValueError(f"text hashes must be {HASH_SIZE} bytes")
     return np.frombuffer(joined, dtype="<u8").reshape(-1, 2)
 
 

@@ -6,6 +6,8 @@ connection and sends half a request head keeps it, and its memory, for as long a
 headers must arrive within a deadline, and the number of open connections is capped. It wraps
 each connection's aiohttp protocol and learns where a request starts and ends from
 :func:`track_requests`, a middleware; the body's own deadline is the handler's (it reads it).
+
+May import: the standard library, orjson, aiohttp; nothing else of togembed.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ async def listen(
 
 
 class GuardStats(Protocol):
-    """Where a guard counts what it did (``togembed._serve.ServeStats`` has these)."""
+    """Where a guard counts what it did (``togembed.server.ServeStats`` has these)."""
 
     header_timeouts: int
     refused_connections: int
