@@ -448,6 +448,80 @@ def kill_case(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+LABELS = {
+    "shared": "embed_dataset, shared limiter, rpm= configured",
+    "learned": "embed_dataset, shared limiter, nothing configured (learned from headers)",
+    "redis": "4 plain processes, RedisLimiter(rpm=)",
+    "redis-learned": "4 plain processes, RedisLimiter() learned from headers",
+    "per-actor": "each actor paces alone: RateLimiter(rpm=) per actor",
+    "plain": "no limiter: plain client loop in each actor",
+}
+TARGETS = {
+    "shared": (0.01, 1.15),
+    "learned": (0.05, 1.30),
+    "redis": (0.01, 1.15),
+    "redis-learned": (0.05, 1.30),
+}
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    """The results as markdown, as docs/benchmarks.md shows them."""
+    print(
+        f"\nN={results['n']} texts, server limit {results['rpm']:g} requests/min (1 s burst), "
+        f"latency 20 ms, batch {BATCH}, {results['workers']} workers, 2 cores\n"
+    )
+    print(
+        "| case | requests | 429s | 429s / requests | start-up s | wall s | ideal s "
+        "| wall / ideal | target |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case in LIMITED:
+        r = results.get(case)
+        if r is None:
+            continue
+        target = TARGETS.get(case)
+        verdict = "measured"
+        if target is not None:
+            ok = r["share_429"] <= target[0] and r["ratio"] <= target[1]
+            verdict = f"{'PASS' if ok else 'MISS'} (<= {target[0]:.0%}, <= {target[1]:.2f})"
+        if r.get("failed"):
+            verdict = f"job failed: {r['failed'][:80]}"
+        startup = r.get("first_request_after")
+        print(
+            f"| {LABELS[case]} | {r['requests']} | {r['429']} | {r['share_429']:.1%} | "
+            f"{startup if startup is None else round(startup, 1)} | {r['wall']:.1f} | "
+            f"{r['ideal']:.1f} | {r['ratio']:.2f} | {verdict} |"
+        )
+    if "throughput" in results:
+        print(
+            f"\nUnlimited server, 20 ms latency, {results['n_fast']} texts, batch 32, "
+            "16 requests in flight in total\n"
+        )
+        print("| client | wall s | texts/s | wall / one process |")
+        print("|---|---|---|---|")
+        for r in results["throughput"]:
+            print(
+                f"| {r['case']} | {r['wall']:.2f} | {r['texts_per_s']:.0f} | {r['vs_single']:.2f} |"
+            )
+    if "cost" in results:
+        print("\nThe shared limiter's cost: 4 Ray tasks x 16 concurrent acquire/release loops\n")
+        print("| limiter | requests | wall s | requests/s | grant calls / request |")
+        print("|---|---|---|---|---|")
+        for r in results["cost"]:
+            print(
+                f"| {r['case']} | {r['requests']} | {r['wall']:.2f} | {r['per_s']:.0f} | "
+                f"{r['grant_calls_per_request']:.3f} |"
+            )
+    if "kill" in results:
+        r = results["kill"]
+        print(
+            f"\nOne of {results['workers']} actors SIGKILLed at 25 % of the inputs: "
+            f"{'killed' if r['killed'] else 'NOT killed'}, {r['rows']} rows, every id once, "
+            f"vectors exact; {r['inputs_sent']} inputs sent, {r['repaid']} re-paid; "
+            f"wall {r['wall']:.1f} s"
+        )
+
+
 def warm_up() -> None:
     """One small job, not measured: the first job after ``ray.init`` pays Ray's own one-time
     costs (its executor, worker pool, file caches). Every case still starts its own actors."""
@@ -484,7 +558,12 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    results: dict[str, Any] = {"n": args.n, "rpm": args.rpm, "workers": args.workers}
+    results: dict[str, Any] = {
+        "n": args.n,
+        "n_fast": args.n_fast,
+        "rpm": args.rpm,
+        "workers": args.workers,
+    }
     warm_up()
     for case in args.cases.split(","):
         t = time.perf_counter()
@@ -503,6 +582,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    print_tables(results)
     ray.shutdown()
 
 

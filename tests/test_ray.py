@@ -197,3 +197,13 @@ def test_a_rerun_resumes_from_what_was_written(ray_session: Any, tmp_path: Any) 
         server.reset_stats()
         assert_exact(run(server).take_all(), n)
         assert server.stats.inputs == 0
+
+
+def test_the_driver_keeps_the_shared_limiter_alive(ray_session: Any) -> None:
+    """Ray ends a named actor when no handle is left; the process that made it keeps one, so
+    workers find the driver's limiter (with its settings), not a new one."""
+    from togembed.ray.limiter_actor import get_or_create
+
+    get_or_create("test-kept-alive", rpm=1234)  # the handle is dropped here
+    actor = ray.get_actor("test-kept-alive", namespace=NAMESPACE)
+    assert ray.get(actor.stats.remote())["rpm"] == pytest.approx(1234 * 0.99)

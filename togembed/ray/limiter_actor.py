@@ -94,4 +94,11 @@ def get_or_create(name: str, *, detached: bool = False, **settings: Any) -> Any:
     options: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "get_if_exists": True}
     if detached:
         options["lifetime"] = "detached"
-    return LimiterActor.options(**options).remote(**settings)
+    handle = LimiterActor.options(**options).remote(**settings)
+    # Ray ends a named actor when no handle to it is left: this process keeps one, so the
+    # limiter lives as long as the process that made it (the driver: the job).
+    _HANDLES[name] = handle
+    return handle
+
+
+_HANDLES: dict[str, Any] = {}
