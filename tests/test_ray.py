@@ -207,3 +207,46 @@ def test_the_driver_keeps_the_shared_limiter_alive(ray_session: Any) -> None:
     get_or_create("test-kept-alive", rpm=1234)  # the handle is dropped here
     actor = ray.get_actor("test-kept-alive", namespace=NAMESPACE)
     assert ray.get(actor.stats.remote())["rpm"] == pytest.approx(1234 * 0.99)
+
+
+def test_the_guides_example_runs(ray_session: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/ray.md's runnable example, as written (on this session's Ray: its own ray.init
+    and ray.shutdown are skipped)."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "ray.md").read_text()
+    start = page.index("```python", page.index("### A runnable example")) + len("```python")
+    code = page[start : page.index("```", start)]
+    assert "embed_dataset" in code and "fake_embeddings" in code
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+    exec(compile(code, "docs/ray.md", "exec"), {})
+
+
+def test_the_embed_command_runs_its_job_on_ray(
+    server: FakeTogetherServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``togembed embed --ray``: the same job (ids, output, summary, exit code), its requests
+    sent by Ray workers (this session's Ray)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from togembed.cli import cli as main
+
+    monkeypatch.delenv("TOGETHER_API_KEY", raising=False)
+    source = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"id": f"d{i}", "text": text(i)}) + "\n" for i in range(90)]
+    source.write_text("".join(lines))
+    out = tmp_path / "vectors.parquet"
+    args = ["embed", str(source), "-o", str(out), "-m", MODEL, "--base-url", server.base_url]
+    result = CliRunner().invoke(main, [*args, "--ray", "--workers", "2", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [f"d{i}" for i in range(90)]
+    got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(got, fake_embeddings([text(i) for i in range(90)], DIM))
+    assert server.stats.inputs == 90
+    again = CliRunner().invoke(main, [*args, "--workers", "2"])
+    assert again.exit_code == 2
+    assert "--workers needs --ray" in again.output

@@ -6,12 +6,14 @@ Another backend (e.g. workers on a cluster) is one more class with an ``open`` m
 one more branch in ``choose_backend``; the commands do not change.
 
 May import: attrs, click; ``togembed.api``, ``togembed.core``; ``togembed.server`` (lazily: only
-``--local`` needs aiohttp's server and the local model); ``exits``.
+``--local`` needs aiohttp's server and the local model); ``togembed.ray`` (lazily: only
+``--ray``); ``exits``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Protocol
 
 import attrs
@@ -20,9 +22,16 @@ import click
 from ..api.async_client import AsyncClient
 from ..core.config import base_url_source, check_base_url, is_loopback_url, resolve_api_key
 from ..core.errors import InvalidBaseURLError
-from .exits import error
+from .exits import EXIT_USAGE, error
 
-__all__ = ["ApiBackend", "Backend", "LocalBackend", "check_endpoint", "choose_backend"]
+__all__ = [
+    "ApiBackend",
+    "Backend",
+    "LocalBackend",
+    "RayBackend",
+    "check_endpoint",
+    "choose_backend",
+]
 
 # What to do without a key, for the commands that embed (``{url}``: the base URL).
 NO_KEY_HELP = (
@@ -87,10 +96,46 @@ class LocalBackend:
         return await stack.enter_async_context(client)
 
 
+@attrs.frozen
+class RayBackend:
+    """An embeddings API, its requests sent by ``workers`` Ray actors (``--ray``): the Ray in
+    ``RAY_ADDRESS``, else a local one started for the command. Each worker sends the key of
+    its own environment."""
+
+    client_kwargs: dict[str, Any]
+    workers: int
+    announce: bool = False
+
+    async def open(self, stack: contextlib.AsyncExitStack) -> AsyncClient:
+        try:
+            import ray
+
+            from ..ray.transport import RayTransport
+        except ImportError:
+            error("--ray needs Ray: pip install 'togembed[ray]'")
+            raise click.exceptions.Exit(EXIT_USAGE) from None
+        if not ray.is_initialized():
+            if self.announce:
+                where = os.environ.get("RAY_ADDRESS") or "a local Ray"
+                click.echo(f"starting {self.workers} Ray workers on {where} ...", err=True)
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            stack.callback(ray.shutdown)
+        transport = RayTransport(self.workers)
+        client = AsyncClient(**self.client_kwargs, transport=transport)
+        return await stack.enter_async_context(client)  # closing it closes the transport
+
+
 def choose_backend(
-    *, local: bool, model: str, client_kwargs: dict[str, Any], announce: bool = False
+    *,
+    local: bool,
+    model: str,
+    client_kwargs: dict[str, Any],
+    announce: bool = False,
+    ray_workers: int | None = None,
 ) -> Backend:
-    """The backend the command's options name: ``--local``, else the API."""
+    """The backend the command's options name: ``--local``, ``--ray``, else the API."""
     if local:
         return LocalBackend(model, client_kwargs, announce=announce)
+    if ray_workers is not None:
+        return RayBackend(client_kwargs, ray_workers, announce=announce)
     return ApiBackend(client_kwargs)

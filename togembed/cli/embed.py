@@ -42,6 +42,8 @@ from .progress import Display, ids_used, summary
 
 __all__ = ["embed_command"]
 
+DEFAULT_RAY_WORKERS = 4
+
 EMBED_HELP = f"""Embed every text of INPUT into OUTPUT.
 
 \b
@@ -57,6 +59,7 @@ Examples:
   togembed embed docs.jsonl -o vectors.parquet --model BAAI/bge-base-en-v1.5
   togembed embed notes.txt -o notes.npy --model BAAI/bge-base-en-v1.5 --rpm 600
   togembed embed docs.csv -o v.parquet --model M --id-field doc_id --text-field body
+  togembed embed docs.jsonl -o v.parquet --model M --ray --workers 8
 
 The API key is read from TOGETHER_API_KEY. Progress is saved as it goes in
 OUTPUT.togembed-job.sqlite: if the job stops (Ctrl-C, a crash, a budget), run the
@@ -85,6 +88,18 @@ continue); 130 interrupted.
     is_flag=True,
     help="Run a real embedding model on this machine (pip install 'togembed[local]'): no key, "
     "no network.",
+)
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Send the requests from Ray workers (pip install 'togembed[ray]'): the Ray in "
+    "RAY_ADDRESS, else a local one. Each worker reads TOGETHER_API_KEY from its environment.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    help="Ray workers for --ray [default: 4].",
 )
 @click.option(
     "--query",
@@ -123,6 +138,8 @@ def embed_command(
     output: str,
     model: str | None,
     local: bool,
+    use_ray: bool,
+    workers: int | None,
     query: tuple[str, ...],
     id_field: str | None,
     no_id_field: bool,
@@ -146,6 +163,10 @@ def embed_command(
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise click.BadParameter(f"must end in {', '.join(OUTPUT_SUFFIXES)}", param_hint="-o")
     check_exclusive(local=local, base_url=base_url, id_field=id_field, no_id_field=no_id_field)
+    if use_ray and local:
+        raise click.UsageError("--ray and --local cannot be used together.")
+    if workers is not None and not use_ray:
+        raise click.UsageError("--workers needs --ray.")
     if local:
         model = model or DEFAULT_LOCAL_MODEL
     elif not model:
@@ -180,7 +201,11 @@ def embed_command(
         "tpm": tpm,
     }
     backend = choose_backend(
-        local=local, model=model, client_kwargs=client_kwargs, announce=not quiet
+        local=local,
+        model=model,
+        client_kwargs=client_kwargs,
+        announce=not quiet,
+        ray_workers=(workers or DEFAULT_RAY_WORKERS) if use_ray else None,
     )
     show_bar = sys.stderr.isatty() if progress is None else progress
     if not quiet:

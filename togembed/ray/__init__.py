@@ -11,7 +11,9 @@ Ray is an optional extra (``pip install 'togembed[ray]'``): this package imports
 one of its names is used, and then says which extra is missing. Its modules: ``settings``
 (what a worker is told), ``embedder`` (the callable class), ``dataset`` (``embed_dataset``),
 ``grants`` (the shared limiter's books, no Ray), ``limiter_actor`` (the named actor),
-``limiter`` (a worker's end of it). They may import core, api and jobs; core imports none.
+``limiter`` (a worker's end of it), ``capped`` (requests in flight per actor), ``transport``
+(HTTP sent by a pool of actors: ``togembed embed --ray``). They may import core, api and
+jobs; core imports none of them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Embedder", "RayLimiter", "RowError", "embed_dataset", "shared_limiter"]
+__all__ = [
+    "Embedder",
+    "RayLimiter",
+    "RayTransport",
+    "RowError",
+    "embed_dataset",
+    "shared_limiter",
+]
 
 _WHERE = {
     "Embedder": ".embedder",
     "RowError": ".embedder",
     "RayLimiter": ".limiter",
+    "RayTransport": ".transport",
     "embed_dataset": ".dataset",
     "shared_limiter": ".shared",
 }
