@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -171,8 +172,17 @@ def embedder_classes() -> tuple[type, type]:
 
         def __init__(self, *, pid_dir: str, **settings: Any) -> None:
             super().__init__(**settings)
-            with open(os.path.join(pid_dir, str(os.getpid())), "w"):
+            self.busy = os.path.join(pid_dir, str(os.getpid()))
+
+        async def __call__(self, batch: Any) -> Any:
+            """While a batch is being embedded, its file says so (the one to kill)."""
+            with open(self.busy, "w"):
                 pass
+            try:
+                return await super().__call__(batch)
+            finally:
+                if os.path.exists(self.busy):
+                    os.remove(self.busy)
 
     return PlainEmbedder, PidEmbedder
 
@@ -233,6 +243,15 @@ def run_ray(
     return time.perf_counter() - start, out
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The togembed error inside Ray's wrappers, on one line."""
+    import re
+
+    found = re.findall(r"togembed\.core\.errors\.(\w+): ([^\n]*)", str(exc))
+    name, message = found[-1] if found else (type(exc).__name__, str(exc).splitlines()[-1])
+    return f"{name}: {message}"[:100]
+
+
 class FirstRequest:
     """Seconds from now until the server saw its first request (start-up, for the table)."""
 
@@ -291,7 +310,7 @@ def _limited(case: str, args: argparse.Namespace, url: str) -> dict[str, Any]:
     except Exception as exc:  # the unpaced loops may fail the job: that is a result too
         if case not in ("plain", "per-actor"):
             raise
-        wall, failed = time.perf_counter() - first.start, f"{type(exc).__name__}: {exc}"[-300:]
+        wall, failed = time.perf_counter() - first.start, _root_cause(exc)
     stats = server_stats(url, log=True)
     span = max(r["at"] for r in stats["log"])  # first request to last
     requests = stats["requests"]
@@ -381,7 +400,7 @@ def cost_case(args: argparse.Namespace) -> list[dict[str, Any]]:
             start = time.perf_counter()
             await asyncio.gather(*(loop(per_task // 16) for _ in range(16)))
             wall = time.perf_counter() - start
-            calls = limiter.grant_calls
+            calls = per_task if naive else limiter.grant_calls
             await limiter.aclose()
             return {"wall": wall, "grant_calls": calls}
 
@@ -417,10 +436,14 @@ def kill_case(args: argparse.Namespace) -> dict[str, Any]:
 
     def killer() -> None:
         while server_stats(url)["inputs"] < n // 4:
-            time.sleep(0.05)
-        pids = sorted(int(p) for p in os.listdir(pid_dir))
-        os.kill(pids[0], signal.SIGKILL)
-        killed.append(pids[0])
+            time.sleep(0.01)
+        while not killed:  # an actor in the middle of a batch
+            for name in os.listdir(pid_dir):
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(name), signal.SIGKILL)
+                    killed.append(int(name))
+                    return
+            time.sleep(0.001)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -515,7 +538,8 @@ def print_tables(results: dict[str, Any]) -> None:
     if "kill" in results:
         r = results["kill"]
         print(
-            f"\nOne of {results['workers']} actors SIGKILLed at 25 % of the inputs: "
+            f"\nOne of {results['workers']} actors SIGKILLed in the middle of a batch, once "
+            "25 % of the inputs were sent: "
             f"{'killed' if r['killed'] else 'NOT killed'}, {r['rows']} rows, every id once, "
             f"vectors exact; {r['inputs_sent']} inputs sent, {r['repaid']} re-paid; "
             f"wall {r['wall']:.1f} s"
