@@ -29,6 +29,7 @@ base_url_option = click.option(
 # unreachable) is otherwise retried like any failure, ~24 s before the command gives up.
 connect_retries_option = click.option(
     "--connect-retries",
+    metavar="N",
     type=click.IntRange(0),
     default=None,
     help="Retries when the server cannot be reached at all (connection refused, DNS, "
