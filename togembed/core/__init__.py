@@ -1,11 +1,34 @@
 """The client core: everything one embeddings call needs, below the user API.
 
-Owns: configuration values (``config``), the exception tree (``errors``), response values
-(``types``), pure batch planning (``batching``), the wire protocol without I/O (``protocol``,
-``stated_limits``), HTTP (``transport``, the only module that imports aiohttp's client),
-retries (``retry``), rate pacing (``ratelimit``), one call's scheduling (``call``) and
-streaming (``stream``).
+The modules, from the bottom up:
 
-May import: the standard library, aiohttp, tenacity, attrs, numpy, orjson. Nothing else of
-togembed: every other subpackage builds on this one.
+Values and rules (pure)
+    ``config``         defaults, ``RetryPolicy``, base URL and key resolution
+    ``errors``         the exception tree
+    ``types``          response values (``EmbeddingResponse``, ``Embedding``, ``Usage``)
+    ``batching``       input checks, token estimates, contiguous batches
+The wire protocol (pure: bytes in, values or exceptions out)
+    ``protocol``       request bodies, request ids, redaction of secrets
+    ``answers``        embeddings answers decoded and checked (``DecodedBatch``)
+    ``status_errors``  non-2xx answers as typed exceptions, retry hints
+    ``stated_limits``  size limits read from servers' refusals
+    ``refusals``       what a refusal means for the batch (split, bisect, give up)
+    ``limit_headers``  rate-limit headers read
+Pacing (pure arithmetic, then its asyncio face)
+    ``limiter``        the ``Limiter`` interface and the values that cross it
+    ``pacer``          ``Pacer``: token buckets, learning, slowing down, on an explicit clock
+    ``ratelimit``      ``RateLimiter``: one event loop's limiter
+I/O and scheduling
+    ``transport``      HTTP: the only module that imports aiohttp's client
+    ``retry``          retries with backoff (tenacity, kept private)
+    ``turn_gate``      a budget of CPU work per event-loop turn
+    ``settings``       what calls share: ``CallSettings``, ``CallOptions``, ``ClientStats``
+    ``request``        one admitted request: POST, decode, feed the limiter back
+    ``coalesce``       concurrent small calls merged into shared requests
+    ``sinks``          where rows go: one array, or the peers' response shape
+    ``call``           one call: its batches sent, retried, split, bisected
+    ``stream``         ``embed_stream``: ordered chunks with bounded memory
+
+May import: the standard library, aiohttp, tenacity, attrs, numpy, orjson, pysimdjson. Nothing
+else of togembed: every other subpackage builds on this one.
 """
