@@ -622,3 +622,16 @@ def test_sync_client_close_then_garbage_collection_does_nothing_more(
     assert not client._finalizer.alive
     del client
     gc.collect()
+
+
+async def test_models_list_against_a_server_that_is_down_says_so_and_counts_retries(
+    refused_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``togembed models`` must not retry in silence: the same warning as embeddings."""
+    caplog.set_level(logging.INFO, logger="togembed")
+    async with togembed.AsyncClient(base_url=refused_url, model=MODEL, max_retries=2) as c:
+        with pytest.raises(togembed.APIConnectionError):
+            await c.models.list()
+    warnings_ = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings_) == 1 and "cannot reach" in warnings_[0].message
+    assert c.stats.retries == 2

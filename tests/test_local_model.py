@@ -162,7 +162,8 @@ def test_concurrent_callers_take_turns(ref) -> None:
         t.join()
     assert not errors
     assert len(results) == 4
-    # Not bit for bit: how BLAS splits the products can differ between calls (2.5e-7 seen).
+    # Not bit for bit: how threads split the products can differ between calls (2.5e-7 seen
+    # with the former NumPy engine; onnxruntime splits each operator between its threads).
     for r in results:
         np.testing.assert_allclose(r, expected, rtol=1e-5, atol=1e-6)
 

@@ -249,6 +249,21 @@ async def test_unknown_model_404_names_the_served_model_and_the_alias_flag(
         assert (await resp.json())["error"] == doc["error"]
 
 
+async def test_togembeds_client_adds_no_together_advice_to_the_servers_own(make_serve) -> None:
+    """The 404 already says what to do (``--alias``): ``str()`` adds only that retrying will
+    not help, not Together's advice about its withdrawn models."""
+    server = await make_serve()
+    async with togembed.AsyncClient(base_url=server.base_url, model="BAAI/bge-base-en-v1.5") as c:
+        with pytest.raises(togembed.ModelNotAvailableError) as info:
+            await c.embed(["a"])
+    text = str(info.value)
+    assert info.value.message in text
+    assert "togembed serve --alias BAAI/bge-base-en-v1.5" in text
+    assert text.endswith(f"-- {togembed.ModelNotAvailableError.NOT_RETRIED}")
+    assert "Together withdrew" not in text and "dedicated endpoint" not in text
+    assert c.stats.requests == 1
+
+
 async def test_unknown_model_404_lists_the_aliases_and_quotes_odd_names(make_serve, http) -> None:
     server = await make_serve(aliases=["BAAI/bge-small-en-v1.5"])
     status, doc, _ = await post(http, server, {"model": "my model", "input": "a"})

@@ -176,5 +176,11 @@ class AsyncModels:
                 resp.body, request_id=request_id_of(resp.headers), secrets=settings.secrets
             )
 
-        models = await call_with_retries(attempt, c.retry, describe=f"GET {url}", deadline=deadline)
+        models = await call_with_retries(
+            attempt,
+            c.retry,
+            describe=f"GET {url}",
+            deadline=deadline,
+            on_retry=settings.retried,  # counted, and a server that is down says so
+        )
         return select_models(models, all=all)

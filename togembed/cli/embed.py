@@ -37,7 +37,7 @@ from ..jobs.readers import detect_id_field
 from ..jobs.types import JobOptions
 from .backends import Backend, check_endpoint, choose_backend
 from .exits import EXIT_API_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, error, usage_error
-from .options import base_url_option, check_exclusive, duration_option
+from .options import base_url_option, check_exclusive, connect_retries_option, duration_option
 from .progress import Display, ids_used, summary
 
 __all__ = ["embed_command"]
@@ -124,6 +124,7 @@ continue); 130 interrupted.
 @click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute.")
 @click.option("--tpm", type=click.FloatRange(min=0, min_open=True), help="Tokens per minute.")
 @base_url_option
+@connect_retries_option
 @click.option("--cache", type=click.Path(dir_okay=False), help="Vector cache shared by jobs.")
 @click.option("--max-tokens", type=click.IntRange(1), help="Stop after sending this many tokens.")
 @click.option(
@@ -149,6 +150,7 @@ def embed_command(
     rpm: float | None,
     tpm: float | None,
     base_url: str | None,
+    connect_retries: int | None,
     cache: str | None,
     max_tokens: int | None,
     deadline: float | None,
@@ -199,6 +201,7 @@ def embed_command(
         "concurrency": concurrency,
         "rpm": rpm,
         "tpm": tpm,
+        "connect_retries": connect_retries,
     }
     backend = choose_backend(
         local=local,

@@ -16,7 +16,7 @@ from ..core.config import resolve_base_url
 from ..core.errors import APIError
 from .backends import check_endpoint
 from .exits import EXIT_API_ERROR, EXIT_OK, EXIT_USAGE, error
-from .options import base_url_option
+from .options import base_url_option, connect_retries_option
 
 __all__ = ["models_command"]
 
@@ -28,8 +28,9 @@ _NO_KEY_HELP = (
 
 @click.command("models")
 @base_url_option
+@connect_retries_option
 @click.option("--all", "show_all", is_flag=True, help="Every model, not only embedding models.")
-def models_command(base_url: str | None, show_all: bool) -> None:
+def models_command(base_url: str | None, connect_retries: int | None, show_all: bool) -> None:
     """List the embedding models your key can use (GET BASE_URL/models).
 
     \b
@@ -41,12 +42,12 @@ def models_command(base_url: str | None, show_all: bool) -> None:
     url = resolve_base_url(base_url)
     if not check_endpoint(url, base_url, no_key_help=_NO_KEY_HELP):
         sys.exit(EXIT_USAGE)
-    sys.exit(asyncio.run(_list_models(url, show_all)))
+    sys.exit(asyncio.run(_list_models(url, show_all, connect_retries)))
 
 
-async def _list_models(url: str, show_all: bool) -> int:
+async def _list_models(url: str, show_all: bool, connect_retries: int | None = None) -> int:
     try:
-        async with AsyncClient(base_url=url) as client:
+        async with AsyncClient(base_url=url, connect_retries=connect_retries) as client:
             models = await client.models.list(all=show_all)
     except APIError as exc:
         error(exc)

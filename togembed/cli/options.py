@@ -1,7 +1,8 @@
-"""Options that several commands share, with the same words everywhere: ``--base-url``, the
-pairs of options that exclude each other, and durations (``--deadline 2h30m``).
+"""Options that several commands share, with the same words everywhere: ``--base-url``,
+``--connect-retries``, the pairs of options that exclude each other, and durations
+(``--deadline 2h30m``).
 
-May import: the standard library, click.
+May import: the standard library, click; ``togembed.core.config``.
 """
 
 from __future__ import annotations
@@ -10,10 +11,29 @@ import re
 
 import click
 
-__all__ = ["base_url_option", "check_exclusive", "duration_option", "seconds"]
+from ..core.config import DEFAULT_MAX_RETRIES
+
+__all__ = [
+    "base_url_option",
+    "check_exclusive",
+    "connect_retries_option",
+    "duration_option",
+    "seconds",
+]
 
 base_url_option = click.option(
     "--base-url", default=None, help="API root [default: $TOGETHER_BASE_URL or Together]."
+)
+
+# AsyncClient(connect_retries=N): a server that cannot be reached at all (refused, DNS,
+# unreachable) is otherwise retried like any failure, ~24 s before the command gives up.
+connect_retries_option = click.option(
+    "--connect-retries",
+    metavar="N",
+    type=click.IntRange(0),
+    default=None,
+    help="Retries when the server cannot be reached at all (connection refused, DNS, "
+    f"unreachable); 0 fails at once [default: as other failures, {DEFAULT_MAX_RETRIES}].",
 )
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")

@@ -21,7 +21,7 @@ from ..jobs.filetypes import OUTPUT_SUFFIXES
 from ..jobs.readers import detect_id_field
 from .backends import Backend, check_endpoint, choose_backend
 from .exits import EXIT_API_ERROR, EXIT_OK, EXIT_USAGE, error, usage_error
-from .options import base_url_option, check_exclusive
+from .options import base_url_option, check_exclusive, connect_retries_option
 
 if TYPE_CHECKING:
     from ..jobs.nearest import TextSource
@@ -69,6 +69,7 @@ no API key, a model other than the output's).
 @click.option("--text-field", default=None, help="Text column/key of --input [default: as made].")
 @click.option("--local", is_flag=True, help="Embed the queries with the local model (no key).")
 @base_url_option
+@connect_retries_option
 def search_command(
     output: str,
     queries: tuple[str, ...],
@@ -80,6 +81,7 @@ def search_command(
     text_field: str | None,
     local: bool,
     base_url: str | None,
+    connect_retries: int | None,
 ) -> None:
     from ..jobs.nearest import TextSource, made_with
 
@@ -112,7 +114,8 @@ def search_command(
         if id_field is None and not no_id_field:
             id_field = made["id_field"] if "id_field" in made else _detect_quietly(src)
         source = TextSource(src, id_field, text_field or made.get("text_field") or "text")
-    backend = choose_backend(local=local, model=model, client_kwargs={"base_url": url})
+    client_kwargs = {"base_url": url, "connect_retries": connect_retries}
+    backend = choose_backend(local=local, model=model, client_kwargs=client_kwargs)
     sys.exit(asyncio.run(_search(out, queries, k, model, source, backend)))
 
 

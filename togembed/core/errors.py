@@ -217,19 +217,27 @@ class ModelNotAvailableError(NotFoundError):
     """The model cannot be used with this server and key: an unknown model (404), Together's
     400/503 ``model_not_available`` or "Unable to access non-serverless model". Never retried,
     and it stops the whole call. ``status_code`` is what the server sent (404, 400 or 503);
-    ``message`` is the server's, ``str()`` adds what to do (``ADVICE``)."""
+    ``message`` is the server's, ``str()`` adds what to do: ``ADVICE``, or only
+    ``NOT_RETRIED`` where the server's message already says what to do (``togembed serve``
+    names the model it serves and its ``--alias`` flag)."""
 
+    NOT_RETRIED = (
+        "The model is not available at this base URL with this key; retrying will not help."
+    )
     ADVICE = (
-        "The model is not available at this base URL with this key; retrying will not help. "
+        f"{NOT_RETRIED} "
         "`togembed models` (or `client.models.list()`) lists the embedding models you can use. "
         "Together withdrew its serverless embedding models in 2026: use a dedicated endpoint "
         "(base_url https://api-inference.together.ai/v1, the model being the endpoint's name), "
         "another OpenAI-compatible provider, or a local model (`togembed embed --local`, "
         "`togembed serve`)."
     )
+    # Words of a server message that already says what to do: togembed serve's 404.
+    SERVER_SAYS_WHAT_TO_DO = ("togembed serve --alias",)
 
     def __str__(self) -> str:
-        return f"{super().__str__()} -- {self.ADVICE}"
+        says = any(words in self.message for words in self.SERVER_SAYS_WHAT_TO_DO)
+        return f"{super().__str__()} -- {self.NOT_RETRIED if says else self.ADVICE}"
 
 
 class UnprocessableEntityError(APIStatusError):

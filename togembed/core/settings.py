@@ -103,7 +103,7 @@ class CallSettings:
             self.warned_connection = True
             logger.warning(
                 "cannot reach %s (%s); retrying, up to %d times (no more warnings; "
-                "RetryPolicy(connect_retries=0) fails at once instead)",
+                "connect_retries=0 / --connect-retries 0 fails at once instead)",
                 self.url,
                 exc,
                 self.retry.max_connect_retries if exc.connect_failed else self.retry.max_retries,
