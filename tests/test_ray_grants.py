@@ -243,3 +243,25 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+async def test_an_actor_has_at_most_max_in_flight_requests_out() -> None:
+    """CappedLimiter: the cap holds across every call of a client; a slot freed goes to the
+    next waiter, and one handed to a waiter that gave up is passed on."""
+    from togembed.ray.capped import CappedLimiter
+
+    capped = CappedLimiter(RateLimiter(rpm=60_000), max_in_flight=2)
+    a, b = await capped.acquire(1), await capped.acquire(1)
+    assert capped.try_acquire(1) is None
+    third = asyncio.ensure_future(capped.acquire(1))
+    fourth = asyncio.ensure_future(capped.acquire(1))
+    await turns_until(lambda: len(capped._waiters) == 2)
+    capped.release(a, Feedback(status=200))  # its slot goes to the third
+    third.cancel()  # ... which gives up before it runs: the slot goes on to the fourth
+    with pytest.raises(asyncio.CancelledError):
+        await third
+    d = await fourth
+    assert capped.try_acquire(1) is None
+    for ticket in (b, d):
+        capped.release(ticket, Feedback(status=200))
+    assert capped.try_acquire(1) is not None
