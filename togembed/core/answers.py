@@ -5,6 +5,7 @@ into an array where it is installed; orjson reads everything else."""
 from __future__ import annotations
 
 import binascii
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,7 +130,7 @@ def decode_embeddings(
     else is an ``APIResponseValidationError`` (a 200 carrying ``{"error": ...}`` too, with the
     server's message).
     """
-    if simdjson is not None:
+    if simdjson is not None and _has_float_rows(body):
         fast = _decode_float_rows(body, expected, dim)
         if fast is not None:
             return fast
@@ -178,6 +179,16 @@ def decode_embeddings(
         usage=_usage(doc.get("usage")),
         is_base64=kind is str,
     )
+
+
+_EMBEDDING_KEY = re.compile(rb'"embedding"\s*:\s*(.)')
+
+
+def _has_float_rows(body: bytes) -> bool:
+    """Whether the first row of an answer is a list (not base64): only then is simdjson's
+    array path worth a parse. Looked for near the start, where the first row begins."""
+    found = _EMBEDDING_KEY.search(body, 0, 65536)
+    return found is not None and found.group(1) == b"["
 
 
 def _decode_float_rows(body: bytes, expected: int, dim: int | None) -> DecodedBatch | None:

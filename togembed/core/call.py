@@ -100,15 +100,15 @@ class _Call:
 
     # -- sending one batch ------------------------------------------------------------------
 
-    def _shape(self, fmt: EncodingFormat | None, extra: dict[str, Any] | None) -> RequestShape:
-        key: Hashable = (self.model, fmt)
-        if self.options_key is not None or extra is not None:
-            try:
-                body = orjson.dumps(extra, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-            except TypeError:
-                body = object()  # arguments that cannot be compared: a request of its own
-            key = (self.model, fmt, self.options_key, body)
-        return RequestShape(key, self.url, self.headers, self.model, fmt, extra)
+    def _request_key(self, fmt: EncodingFormat | None, extra: dict[str, Any] | None) -> Hashable:
+        """What calls must have in common to share a request: model, format and options."""
+        if self.options_key is None and extra is None:
+            return (self.model, fmt)
+        try:
+            body = orjson.dumps(extra, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        except TypeError:
+            body = object()  # arguments that cannot be compared: a request of its own
+        return (self.model, fmt, self.options_key, body)
 
     def _mergeable(self, batch: Batch) -> bool:
         """Whether the batch leaves room in a request for other calls' texts."""
@@ -147,9 +147,10 @@ class _Call:
             ticket = None
             coalescer = s.coalescer
             if coalescer is not None and self._mergeable(batch):
-                shape = self._shape(fmt, extra)
-                ticket = coalescer.admit_now(shape.key, batch.tokens)
+                key = self._request_key(fmt, extra)
+                ticket = coalescer.admit_now(key, batch.tokens)
                 if ticket is None:
+                    shape = RequestShape(key, self.url, self.headers, self.model, fmt, extra)
                     try:
                         decoded = await coalescer.submit(
                             shape, list(texts), batch.tokens, self.deadline, abort

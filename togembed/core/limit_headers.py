@@ -78,6 +78,8 @@ def parse_limit_headers(headers: Mapping[str, str]) -> LimitHeaders:
     """Read Together's (``x-ratelimit-*``, ``x-tokenlimit-*``, and their ``-dynamic`` variants,
     which win) and OpenAI-style (``x-ratelimit-*-requests``, ``x-ratelimit-*-tokens``)
     rate-limit headers."""
+    if not any(name in headers for name in _LIMIT_NAMES):  # most answers: nothing to read
+        return _NO_LIMITS
     req_limit = _live(headers, "x-ratelimit-limit")
     req_left = _live(headers, "x-ratelimit-remaining")
     req_minute = False
@@ -102,6 +104,16 @@ def parse_limit_headers(headers: Mapping[str, str]) -> LimitHeaders:
     )
 
 
+_NO_LIMITS = LimitHeaders()
+# Every header a limit is read from (the "remaining" ones mean nothing without their limit).
+_LIMIT_NAMES = (
+    "x-ratelimit-limit",
+    "x-ratelimit-limit-dynamic",
+    "x-ratelimit-limit-requests",
+    "x-tokenlimit-limit",
+    "x-tokenlimit-limit-dynamic",
+    "x-ratelimit-limit-tokens",
+)
 _WAIT_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-reset")
 
 
