@@ -384,7 +384,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 errors += f"; {r['wrong']} WRONG"
             out.append(
                 f"| {r['case']} | {r['client']} | {done} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} "
-                f"| {r['requests']} | {r['rate_limited']} ({share:.1f}%) "
+                f"| {r['requests']:.0f} | {r['rate_limited']:.0f} ({share:.1f}%) "
                 f"| {r['cpu_per_call_us']:.0f} | {_f(r['lag_p99_ms'])}/{_f(r['lag_max_ms'])} "
                 f"| {'/'.join(map(str, r['gc_collections']))} | {r['gc_gen2_max_ms']:.1f} "
                 f"| {errors} |"
@@ -401,7 +401,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 continue
             out.append(
                 f"| {r['client']} | {_f(r['first_ms'])} | {_f(r['burst_p50_ms'])} "
-                f"| {r['requests']} |"
+                f"| {r['requests']:.0f} |"
             )
     return "\n".join(out)
 
@@ -423,6 +423,9 @@ def main() -> int:
     p.add_argument("--grace", type=float, default=2.0)
     p.add_argument("--latency", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--rounds", type=int, default=1, help="runs per case and client (medians reported)"
+    )
     p.add_argument("--out", default=str(HERE / "results" / "service.json"))
     args = p.parse_args()
     if args.worker:
@@ -436,26 +439,60 @@ def main() -> int:
         name = f"togembed@{args.baseline}"
         clients.insert(1, name)
         envs[name] = base_env
-    rows = []
+    runs: list[dict[str, Any]] = []
     try:
         for case in args.cases.split(","):
-            for client in clients:
-                if case == "cold" and client == "togembed-nomerge":
-                    continue
-                print(f"{case} {client} ...", file=sys.stderr, flush=True)
-                rows.append(run_case(case, client, args, envs[client]))
+            for r in range(args.rounds):
+                order = clients if r % 2 == 0 else clients[::-1]  # alternate, to spread noise
+                for client in order:
+                    if case == "cold" and client == "togembed-nomerge":
+                        continue
+                    print(f"{case} {client} round {r + 1} ...", file=sys.stderr, flush=True)
+                    runs.append(run_case(case, client, args, envs[client]))
     finally:
         if worktree is not None:
             subprocess.run(
                 ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", worktree],
                 capture_output=True,
             )
+    rows = [
+        medians([r for r in runs if (r["case"], r["client"]) == key])
+        for key in dict.fromkeys((r["case"], r["client"]) for r in runs)
+    ]
     print(table(rows))
+    if args.rounds > 1:
+        print(f"\nmedians of {args.rounds} rounds; completed: the worst round; errors: all rounds")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
-        json.dumps({"machine": machine_info(), "args": vars(args), "rows": rows}, indent=1)
+        json.dumps(
+            {"machine": machine_info(), "args": vars(args), "rows": rows, "runs": runs}, indent=1
+        )
     )
     return 0
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a case and client: the median of each figure over its rounds, the worst
+    round's completed calls, the errors of all rounds; a failed round fails the row."""
+    failed = [r for r in runs if "failed" in r]
+    if failed:
+        return failed[0]
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs]
+        if key in ("completed", "calls", "unfinished"):
+            worst = min(range(len(runs)), key=lambda i: runs[i]["completed"] - runs[i]["calls"])
+            row[key] = runs[worst][key]
+        elif key == "errors":
+            row[key] = {k: sum(r["errors"].get(k, 0) for r in runs) for k in set().union(*values)}
+        elif key == "gc_collections":
+            row[key] = [int(np.median([v[g] for v in values])) for g in range(3)]
+        elif key == "wrong":
+            row[key] = max(values)
+        elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            known = [v for v in values if v is not None]
+            row[key] = float(np.median(known)) if known else None
+    return row
 
 
 if __name__ == "__main__":
