@@ -14,17 +14,19 @@ from ..core.errors import InvalidModelError
 from ..core.settings import CallOptions
 
 __all__ = [
+    "CHECK_CHUNK",
     "ENCODINGS",
     "call_options",
     "check_encoding",
     "check_inputs",
+    "check_inputs_now",
     "check_model",
     "check_timeout",
     "positive",
     "secrets_of",
 ]
 
-_CHECK_CHUNK = 50_000  # inputs type-checked per event-loop step (~2 ms)
+CHECK_CHUNK = 50_000  # inputs type-checked per event-loop step (~2 ms)
 ENCODINGS = ("base64", "float")
 # Headers whose values are secrets, redacted from server texts like the API key. Shorter values
 # are not redacted: no real key is that short, and replacing e.g. every "k" would garble text.
@@ -114,14 +116,21 @@ def secrets_of(api_key: str | None, headers: Mapping[str, str]) -> tuple[str, ..
     return tuple(sorted(unique, key=len, reverse=True))
 
 
+def check_inputs_now(texts: Sequence[object]) -> None:
+    """``check_inputs`` for at most ``CHECK_CHUNK`` inputs, in one step."""
+    bad = find_invalid_input(texts, 0, len(texts))
+    if bad is not None:
+        raise invalid_input_error(texts, bad)
+
+
 async def check_inputs(texts: Sequence[object]) -> None:
     """Refuse inputs that cannot be sent (non-strings, lone surrogates) before anything is
     sent (and paid for), naming the first one; in chunks, so a million inputs never stall the
     event loop."""
     n = len(texts)
-    for start in range(0, n, _CHECK_CHUNK):
-        bad = find_invalid_input(texts, start, min(n, start + _CHECK_CHUNK))
+    for start in range(0, n, CHECK_CHUNK):
+        bad = find_invalid_input(texts, start, min(n, start + CHECK_CHUNK))
         if bad is not None:
             raise invalid_input_error(texts, bad)
-        if n > _CHECK_CHUNK:
+        if n > CHECK_CHUNK:
             await asyncio.sleep(0)

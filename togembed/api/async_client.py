@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, Literal
 
@@ -40,10 +47,12 @@ from ..core.stream import EmbeddingChunk, EmbeddingStream, TextBlocks
 from ..core.transport import AiohttpTransport, Transport
 from ..core.types import EmbeddingResponse
 from .arguments import (
+    CHECK_CHUNK,
     ENCODINGS,
     call_options,
     check_encoding,
     check_inputs,
+    check_inputs_now,
     check_model,
     positive,
     secrets_of,
@@ -91,7 +100,8 @@ class AsyncEmbeddings:
             started, timeout, dimensions, user, extra_headers, extra_query, extra_body
         )
         sink = ListSink(len(texts), keep_base64=fmt == "base64")
-        await client._run(texts, model, sink, fmt, options)
+        if texts:
+            await client._run(texts, model, sink, fmt, options)
         return sink.result(model)
 
 
@@ -232,7 +242,8 @@ class AsyncClient:
             started, timeout, dimensions, user, extra_headers, extra_query, extra_body
         )
         sink = ArraySink(len(items))
-        await self._run(items, model, sink, None, options)
+        if items:
+            await self._run(items, model, sink, None, options)
         return sink.result()
 
     async def embed_stream(
@@ -308,19 +319,34 @@ class AsyncClient:
                 "no API key: pass AsyncClient(api_key=...) or set TOGETHER_API_KEY"
             )
 
-    async def _run(
+    def _run(
         self,
         texts: Sequence[str],
         model: str,
         sink: Sink,
         fmt: EncodingFormat | None,
         options: CallOptions | None = None,
-    ) -> None:
-        if not texts:
-            return
+    ) -> Awaitable[None]:
+        """The call's work, for the caller to await: for the usual few inputs, ``run_call``
+        itself, checked at once (no coroutine of ours alive in between while it waits)."""
         self._stats.calls += 1
         self._check_api_key()
-        await check_inputs(texts)
+        if len(texts) > CHECK_CHUNK:
+            return self._check_then_run(texts, model, sink, fmt, options)
+        check_inputs_now(texts)
+        return run_call(
+            self._settings, texts, model, sink, prefer_float=fmt == "float", options=options
+        )
+
+    async def _check_then_run(
+        self,
+        texts: Sequence[str],
+        model: str,
+        sink: Sink,
+        fmt: EncodingFormat | None,
+        options: CallOptions | None,
+    ) -> None:
+        await check_inputs(texts)  # a step at a time: a million inputs never stall the loop
         await run_call(
             self._settings, texts, model, sink, prefer_float=fmt == "float", options=options
         )

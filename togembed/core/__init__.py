@@ -26,7 +26,9 @@ I/O and scheduling
     ``request``        one admitted request: POST, decode, feed the limiter back
     ``coalesce``       concurrent small calls merged into shared requests
     ``sinks``          where rows go: one array, or the peers' response shape
-    ``call``           one call: its batches sent, retried, split, bisected
+    ``call_errors``    the errors a call raises in its own words (deadlines, dimensions)
+    ``batch_sender``   one batch sent: alone or with other calls' texts, retried
+    ``call``           one call: its batches planned, split, bisected, written
     ``stream``         ``embed_stream``: ordered chunks with bounded memory
 
 May import: the standard library, aiohttp, tenacity, attrs, numpy, orjson, pysimdjson. Nothing

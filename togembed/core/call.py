@@ -9,28 +9,20 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import urlencode
 
-import orjson
-
-from .answers import DecodedBatch
+from .batch_sender import BatchSender
 from .batching import Batch, plan_batches, split_batch
-from .coalesce import RequestShape, Resize, SendAlone, expected_wait
+from .call_errors import dimensions_error
+from .coalesce import Resize
 from .config import EncodingFormat
 from .errors import (
-    APIResponseValidationError,
     APIStatusError,
-    DeadlineExceededError,
-    DimensionsNotSupportedError,
     ModelNotAvailableError,
 )
-from .limiter import Feedback, Ticket
-from .protocol import encode_request
 from .refusals import refused_arguments, rejects_input, stated_limit, too_many_inputs
-from .request import Abort, CallAborted, post_batch
-from .retry import call_with_retries
+from .request import Abort, CallAborted
 from .settings import CallOptions, CallSettings
 from .sinks import Sink
 from .stated_limits import MAX_INPUTS
@@ -64,18 +56,7 @@ class _Call:
         self.on_input_error = on_input_error
         self.options = options
         self.abort = abort if abort is not None else Abort()
-        self.dim: int | None = None
-        self.url = settings.url
-        self.headers = settings.headers
-        self.deadline = options.deadline if options is not None else None
-        self.options_key = options.request_key() if options is not None else None
-        if options is not None:
-            if options.extra_query:
-                sep = "&" if "?" in self.url else "?"
-                self.url = f"{self.url}{sep}{urlencode(options.extra_query, doseq=True)}"
-            if options.extra_headers:
-                headers = {**settings.headers, **options.extra_headers}
-                self.headers = {k: v for k, v in headers.items() if v is not None}
+        self.sender = BatchSender(settings, model, options, self.abort)
 
     @property
     def encoding_format(self) -> EncodingFormat | None:
@@ -98,117 +79,6 @@ class _Call:
             extra.update(o.extra_body)
         return extra or None
 
-    # -- sending one batch ------------------------------------------------------------------
-
-    def _request_key(self, fmt: EncodingFormat | None, extra: dict[str, Any] | None) -> Hashable:
-        """What calls must have in common to share a request: model, format and options."""
-        if self.options_key is None and extra is None:
-            return (self.model, fmt)
-        try:
-            body = orjson.dumps(extra, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-        except TypeError:
-            body = object()  # arguments that cannot be compared: a request of its own
-        return (self.model, fmt, self.options_key, body)
-
-    def _mergeable(self, batch: Batch) -> bool:
-        """Whether the batch leaves room in a request for other calls' texts."""
-        s = self.s
-        return (
-            s.coalescer is not None
-            and batch.size < s.max_items
-            and (batch.tokens < s.token_budget())
-        )
-
-    async def _acquire(self, tokens: int) -> Ticket:
-        """A limiter ticket, waiting no longer than the call's deadline (never sent after it,
-        and not waited for at all when the queue ahead is sure to outlast it)."""
-        limiter = self.s.limiter
-        if self.deadline is None:
-            return await limiter.acquire(tokens)
-        left = self.deadline - time.monotonic()
-        wait = expected_wait(limiter)
-        if wait + (self.s.fastest_answer or 0.0) > left:
-            raise _deadline_error(self, wait)
-        try:
-            return await asyncio.wait_for(limiter.acquire(tokens), left)
-        except asyncio.TimeoutError:
-            raise _deadline_error(self, None) from None
-
-    async def send(
-        self, batch: Batch, fmt: EncodingFormat | None, extra: dict[str, Any] | None
-    ) -> DecodedBatch:
-        s = self.s
-        abort = self.abort
-        texts = self.texts[batch.start : batch.stop]
-
-        async def attempt() -> DecodedBatch:
-            if abort.error is not None:
-                raise CallAborted
-            ticket = None
-            coalescer = s.coalescer
-            if coalescer is not None and self._mergeable(batch):
-                key = self._request_key(fmt, extra)
-                ticket = coalescer.admit_now(key, batch.tokens)
-                if ticket is None:
-                    shape = RequestShape(key, self.url, self.headers, self.model, fmt, extra)
-                    try:
-                        decoded = await coalescer.submit(
-                            shape, list(texts), batch.tokens, self.deadline, abort
-                        )
-                    except SendAlone:
-                        pass  # refused with other calls' texts: this batch goes alone
-                    except DeadlineExceededError as exc:  # said in the call's words
-                        raise _deadline_error(self, exc.expected_wait) from None
-                    else:
-                        if self.dim is not None and decoded.dim != self.dim:
-                            raise APIResponseValidationError(
-                                f"embedding dimension {decoded.dim} differs from {self.dim} "
-                                "of earlier answers"
-                            )
-                        self.dim = decoded.dim
-                        return decoded
-            if ticket is None:
-                ticket = await self._acquire(batch.tokens)
-            timeout = s.timeout
-            if self.deadline is not None:
-                timeout = min(timeout, self.deadline - time.monotonic())
-            soonest = s.fastest_answer or 0.0
-            if abort.error is not None or self._too_big(batch) or timeout <= soonest:
-                s.limiter.release(ticket, Feedback(status=None, sent=False))
-                if abort.error is not None:
-                    raise CallAborted
-                if timeout <= soonest:
-                    raise _deadline_error(self, None)
-                raise Resize  # the limiter learned a smaller budget while we waited
-            decoded = await post_batch(
-                s,
-                ticket,
-                url=self.url,
-                headers=self.headers,
-                body=encode_request(self.model, texts, fmt, extra),
-                size=batch.size,
-                timeout=timeout,
-                aborts=(abort,),
-                dim=self.dim,
-            )
-            self.dim = decoded.dim
-            return decoded
-
-        return await call_with_retries(
-            attempt,
-            s.retry,
-            describe=f"inputs [{batch.start}:{batch.stop}]",
-            on_retry=s.retried,
-            deadline=self.deadline,
-        )
-
-    def _too_big(self, batch: Batch) -> bool:
-        """The server taught us a smaller batch size, or the limiter's token budget is smaller
-        than the batch: cut it to fit rather than wait for a bucket it can never fit in."""
-        if batch.size > self.s.max_items:
-            return True
-        return batch.size > 1 and batch.tokens > self.s.token_budget()
-
     # -- one batch, start to end ------------------------------------------------------------
 
     async def process(self, batch: Batch) -> None:
@@ -227,7 +97,7 @@ class _Call:
         s = self.s
         if self.abort.error is not None:
             raise CallAborted
-        if self._too_big(batch):
+        if self.sender.too_big(batch):
             for part in plan_batches(
                 self.texts,
                 max_items=s.max_items,
@@ -239,8 +109,16 @@ class _Call:
             return
         sent_format = self.encoding_format
         extra = self._extra()
+        texts = self.texts[batch.start : batch.stop]
+        started = time.monotonic()
         try:
-            decoded = await self.send(batch, sent_format, extra)
+            # The first attempt is made here and retries only after it failed: the success
+            # path builds no retry machinery, and no coroutine of ours waits in between (a
+            # service makes 1000 calls a second: what lives per call feeds the collector).
+            try:
+                decoded = await self.sender.attempt(batch, texts, sent_format, extra)
+            except Exception as first:
+                decoded = await self.sender.retry(batch, texts, sent_format, extra, first, started)
         except Resize:
             await self._process(batch)
             return
@@ -249,7 +127,7 @@ class _Call:
             return
         asked = self.options.dimensions if self.options is not None else None
         if asked is not None and decoded.dim != asked:
-            raise _dimensions_error(self.s, self.model, asked, decoded.dim)
+            raise dimensions_error(self.s, self.model, asked, decoded.dim)
         s.stats.inputs += batch.size
         s.stats.estimated_tokens += batch.tokens
         async with s.cpu_gate:
@@ -308,40 +186,6 @@ class _Call:
         raise exc
 
 
-def _deadline_error(call: _Call, wait: float | None) -> DeadlineExceededError:
-    """Nothing was sent for the call: its timeout passed (``wait`` None) or would pass in the
-    queue at the rate limit."""
-    timeout = call.options.timeout if call.options is not None else None
-    if wait is None:
-        return DeadlineExceededError(
-            f"the call's timeout of {timeout:g} s passed while it waited for the rate "
-            "limit; nothing was sent"
-        )
-    return DeadlineExceededError(
-        f"the call cannot be sent within its timeout of {timeout:g} s: the expected wait "
-        f"at the rate limit is {wait:.3g} s ({call.s.stats.waiting} calls waiting); "
-        "nothing was sent",
-        expected_wait=wait,
-    )
-
-
-def _dimensions_error(
-    s: CallSettings, model: str, asked: int, got: int
-) -> DimensionsNotSupportedError:
-    refusal = s.no_dimensions.get(model)
-    if refusal is not None:
-        message = (
-            f"this server does not support dimensions={asked} for model {model!r}; "
-            f"the model returns {got} (the server said: {refusal})"
-        )
-    else:
-        message = (
-            f"dimensions={asked} was asked, but the server answered vectors of {got} "
-            f"dimensions for model {model!r}: it ignores the argument"
-        )
-    return DimensionsNotSupportedError(message, dimensions=asked, model_dimensions=got)
-
-
 async def _run_pool(
     batches: Iterator[Batch], process: Callable[[Batch], Awaitable[None]], workers: int
 ) -> None:
@@ -361,7 +205,7 @@ async def _run_pool(
         raise
 
 
-async def run_call(
+def run_call(
     settings: CallSettings,
     texts: Sequence[str],
     model: str,
@@ -369,20 +213,24 @@ async def run_call(
     *,
     prefer_float: bool = False,
     options: CallOptions | None = None,
-) -> None:
-    """Embed all ``texts`` into ``sink``."""
+) -> Awaitable[None]:
+    """Embed all ``texts`` into ``sink`` (await what it returns). A call of one batch is that
+    batch's own coroutine, with nothing of ours around it while it waits."""
     call = _Call(settings, texts, model, sink, prefer_float, options=options)
     batches = plan_batches(texts, max_items=settings.max_items, max_tokens=settings.max_tokens)
     first = next(batches, None)
     second = next(batches, None)
     if first is None:
-        return
-    if second is None:  # a service's few texts: no pool, no extra tasks
-        await call.process(first)
-        return
+        return asyncio.sleep(0)
+    if second is None:  # a service's few texts: no pool, no extra tasks, no other sender
+        return call._process(first)
     workers = min(settings.concurrency, max(2, -(-len(texts) // settings.max_items)))
+    return _run_batches(call, itertools.chain((first, second), batches), workers)
+
+
+async def _run_batches(call: _Call, batches: Iterator[Batch], workers: int) -> None:
     try:
-        await _run_pool(itertools.chain((first, second), batches), call.process, workers)
+        await _run_pool(batches, call.process, workers)
     except CallAborted:  # a sender noticed before the failing one's error surfaced
         error = call.abort.error
         if error is None:

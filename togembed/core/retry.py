@@ -32,7 +32,13 @@ from .errors import (
     ModelNotAvailableError,
 )
 
-__all__ = ["backoff_delay", "backoff_disabled", "call_with_retries", "is_retryable"]
+__all__ = [
+    "backoff_delay",
+    "backoff_disabled",
+    "call_with_retries",
+    "is_retryable",
+    "retry_failed",
+]
 
 logger = logging.getLogger("togembed")
 T = TypeVar("T")
@@ -126,13 +132,32 @@ async def call_with_retries(
     seconds: the whole call's, when it has one). No wait starts that would end past a time
     limit, and a server hint above ``max_retry_after`` is not waited for at all.
     """
-    end = time.monotonic() + policy.timeout
-    if deadline is not None and deadline < end:
-        end = deadline
+    started = time.monotonic()
     try:
         return await fn()  # the success path: no retry machinery at all
     except Exception as exc:
         first = exc
+    return await retry_failed(
+        fn, first, policy, started=started, describe=describe, on_retry=on_retry, deadline=deadline
+    )
+
+
+async def retry_failed(
+    fn: Callable[[], Awaitable[T]],
+    first: Exception,
+    policy: RetryPolicy,
+    *,
+    started: float,
+    describe: str = "request",
+    on_retry: Callable[[BaseException, float], None] | None = None,
+    deadline: float | None = None,
+) -> T:
+    """``call_with_retries`` after a first attempt (begun at ``started``) failed with
+    ``first``: for a caller that makes its first attempt itself, so that its success path
+    builds nothing at all (not even the closure ``fn`` would be)."""
+    end = started + policy.timeout
+    if deadline is not None and deadline < end:
+        end = deadline
     if not is_retryable(first) or policy.max_retries == 0:
         raise first
     return await _retry(fn, first, policy, end, describe, on_retry)

@@ -317,7 +317,7 @@ class EmbeddingStream:
             on_input_error=on_input_error,
             abort=self.abort,
         )
-        call.dim = self.dim
+        call.sender.dim = self.dim
         task = asyncio.ensure_future(self._send(call, batch, piece))
         self.running.add(task)
         task.add_done_callback(self._sent)

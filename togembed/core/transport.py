@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -69,14 +69,17 @@ class AiohttpTransport:
             )
         return self._session
 
-    async def post(
+    def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
-    ) -> Response:
+    ) -> Coroutine[Any, Any, Response]:
+        # Not itself a coroutine: the request's own is all that stays alive while it waits.
         data: Any = io.BytesIO(body) if len(body) > _LARGE_BODY else body
-        return await self._request("POST", url, headers, timeout, data=data)
+        return self._request("POST", url, headers, timeout, data=data)
 
-    async def get(self, url: str, headers: Mapping[str, str], timeout: float) -> Response:
-        return await self._request("GET", url, headers, timeout)
+    def get(
+        self, url: str, headers: Mapping[str, str], timeout: float
+    ) -> Coroutine[Any, Any, Response]:
+        return self._request("GET", url, headers, timeout)
 
     async def _request(
         self,
