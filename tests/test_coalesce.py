@@ -127,6 +127,43 @@ async def test_requests_never_exceed_the_batch_size(server: FakeTogetherServer) 
     assert [r.n_inputs for r in server.stats.log] == [4, 4, 4]
 
 
+class TokenGateLimiter(GateLimiter):
+    """A ``GateLimiter`` that paces tokens too: it records the tokens each acquire asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    async def acquire(self, tokens: int) -> Ticket:
+        self.asked.append(tokens)
+        return await super().acquire(tokens)
+
+    def max_batch_tokens(self) -> int | None:
+        return 100_000
+
+
+async def test_a_token_paced_request_carries_no_more_than_its_ticket(
+    server: FakeTogetherServer,
+) -> None:
+    """Calls that queue while a token-paced ticket is awaited wait for the next one: a shared
+    request never carries more tokens than the limiter granted (it would overdraw the bucket)."""
+    gate = TokenGateLimiter()
+    first, later = calls_of(1, "a"), calls_of(5, "b")
+    async with client_for(server, limiter=gate) as client:
+        tasks = [asyncio.ensure_future(client.embed(first[0]))]
+        await wait_until(lambda: len(gate.asked) == 1)
+        tasks += [asyncio.ensure_future(client.embed(texts)) for texts in later]
+        await wait_until(lambda: client.stats.waiting == 6)
+        gate.grant(1)
+        await wait_until(lambda: len(gate.asked) == 2)
+        gate.grant(1)
+        results = await asyncio.gather(*tasks)
+    for texts, rows in zip(first + later, results, strict=True):
+        np.testing.assert_array_equal(rows, fake_embeddings(texts, DIM))
+    assert [r.n_inputs for r in server.stats.log] == [len(first[0]), sum(map(len, later))]
+    assert [f.tokens for f in gate.released] == gate.asked
+
+
 async def test_calls_of_other_models_or_options_do_not_share(server: FakeTogetherServer) -> None:
     gate = GateLimiter()
     async with client_for(server, limiter=gate) as client:

@@ -191,8 +191,12 @@ class Coalescer:
             while (head := self._head(q)) is not None:
                 if self.window > 0:
                     await self._gather(q, head)
-                ticket = await s.limiter.acquire(head.tokens)
-                parts = self._take(q)
+                # Paced by tokens: the group's tokens are asked for, and it may not outgrow
+                # them; by requests only: every call queued meanwhile may join.
+                by_tokens = s.limiter.max_batch_tokens() is not None
+                asked = self._group_tokens(q) if by_tokens else head.tokens
+                ticket = await s.limiter.acquire(asked)
+                parts = self._take(q, ticket.tokens if by_tokens else None)
                 if not parts:
                     s.limiter.release(ticket, Feedback(status=None, sent=False))
                     continue
@@ -230,8 +234,8 @@ class Coalescer:
         return None
 
     async def _gather(self, q: _Queue, head: _Part) -> None:
-        """``window``: wait for company until the oldest call has waited that long, or until
-        a request's worth is queued."""
+        """``window``: wait for company until the oldest call has waited that long, or a
+        request's worth is queued."""
         loop = asyncio.get_running_loop()
         delay = head.enqueued + self.window - loop.time()
         if delay <= 0 or q.items >= self.s.max_items:
@@ -244,11 +248,24 @@ class Coalescer:
             handle.cancel()
             q.full = None
 
-    def _take(self, q: _Queue) -> list[_Part]:
+    def _group_tokens(self, q: _Queue) -> int:
+        """Estimated tokens of the next request: the oldest queued parts that fit one."""
+        max_items, budget = self.s.max_items, self.s.token_budget()
+        items = tokens = 0
+        for part in (p for p in q.parts if not (p.taken or p.future.done())):
+            if items and (items + len(part.texts) > max_items or tokens + part.tokens > budget):
+                break
+            items += len(part.texts)
+            tokens += part.tokens
+        return tokens
+
+    def _take(self, q: _Queue, granted: int | None = None) -> list[_Part]:
         """The queued parts that go in the request a ticket was granted for: oldest first,
-        as many as fit the request's items and token budget."""
+        as many as fit the request's items and token budget (and the ``granted`` tokens)."""
         s = self.s
         max_items, budget = s.max_items, s.token_budget()
+        if granted is not None:
+            budget = min(budget, granted)
         now = time.monotonic()
         soonest = s.fastest_answer or 0.0
         taken: list[_Part] = []
@@ -332,8 +349,8 @@ class Coalescer:
     @staticmethod
     def _settle(part: _Part, outcome: DecodedBatch | BaseException) -> None:
         if part.future.done():  # its caller gave up meanwhile
-            return
-        if isinstance(outcome, BaseException):
+            pass
+        elif isinstance(outcome, BaseException):
             part.future.set_exception(outcome)
         else:
             part.future.set_result(outcome)
@@ -366,11 +383,10 @@ def _deadline_error(wait: float | None) -> DeadlineExceededError:
 
 def _expire(part: _Part) -> None:
     """A waiting part's deadline passed: its caller fails now, and it is never sent."""
-    if not part.future.done():
-        if part.sent:
-            part.future.set_exception(APITimeoutError("the call did not finish within its timeout"))
-        else:
-            part.future.set_exception(_deadline_error(None))
+    if part.future.done():
+        return
+    late = APITimeoutError("the call did not finish within its timeout")
+    part.future.set_exception(late if part.sent else _deadline_error(None))
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
