@@ -231,7 +231,7 @@ def run_ray(
     else:
         extra = kwargs.pop("constructor", {})
         rows = kwargs.pop("rows_per_batch", 512)
-        out = ds.repartition(target_num_rows_per_block=rows).map_batches(
+        out = ds.repartition(target_num_rows_per_block=rows, strict=True).map_batches(
             cls,
             fn_constructor_kwargs={"model": MODEL, "base_url": url, **kwargs, **extra},
             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -256,16 +256,17 @@ class FirstRequest:
     """Seconds from now until the server saw its first request (start-up, for the table)."""
 
     def __init__(self, url: str) -> None:
+        self._url = url
+        self._seen = server_stats(url)["requests"]  # before this run
         self.start = time.perf_counter()
         self.after: float | None = None
-        self._url = url
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         while self.after is None and time.perf_counter() - self.start < 600:
             try:
-                if server_stats(self._url)["requests"]:
+                if server_stats(self._url)["requests"] > self._seen:
                     self.after = time.perf_counter() - self.start
             except OSError:
                 return
@@ -338,10 +339,12 @@ def throughput_case(args: argparse.Namespace) -> list[dict[str, Any]]:
     n, rows = args.n_fast, []
     proc, url = start_server(["--latency", "0.02"])
     try:
+        first = FirstRequest(url)
         wall, _got = run_processes(url, n, 1, ["--batch", "32", "--concurrency", "16"])
-        rows.append({"case": "AsyncClient.embed, 1 process", "workers": 1, "wall": wall})
-        base = wall
+        label = "AsyncClient.embed, 1 process"
+        rows.append({"case": label, "workers": 1, "wall": wall, "startup": first.after})
         for k, pacing in ((1, "shared"), (2, "shared"), (4, "shared"), (4, "per-worker")):
+            first = FirstRequest(url)
             wall, out = run_ray(
                 url,
                 n,
@@ -355,9 +358,12 @@ def throughput_case(args: argparse.Namespace) -> list[dict[str, Any]]:
             label = f"embed_dataset, {k} actors" + (
                 ", no shared limiter" if pacing != "shared" else ""
             )
-            rows.append({"case": label, "workers": k, "wall": wall})
+            rows.append({"case": label, "workers": k, "wall": wall, "startup": first.after})
+        base, base_work = rows[0]["wall"], rows[0]["wall"] - (rows[0]["startup"] or 0.0)
         for r in rows:
-            r.update(texts_per_s=n / r["wall"], vs_single=r["wall"] / base)
+            work = r["wall"] - (r["startup"] or 0.0)  # from the first request to the end
+            r.update(texts_per_s=n / r["wall"], vs_single=r["wall"] / base, work=work)
+            r.update(work_vs_single=work / base_work)
     finally:
         proc.terminate()
         proc.wait()
@@ -520,11 +526,15 @@ def print_tables(results: dict[str, Any]) -> None:
             f"\nUnlimited server, 20 ms latency, {results['n_fast']} texts, batch 32, "
             "16 requests in flight in total\n"
         )
-        print("| client | wall s | texts/s | wall / one process |")
-        print("|---|---|---|---|")
+        print(
+            "| client | wall s | texts/s | wall / one process | start-up s "
+            "| after start-up s | after start-up / one process |"
+        )
+        print("|---|---|---|---|---|---|---|")
         for r in results["throughput"]:
             print(
-                f"| {r['case']} | {r['wall']:.2f} | {r['texts_per_s']:.0f} | {r['vs_single']:.2f} |"
+                f"| {r['case']} | {r['wall']:.2f} | {r['texts_per_s']:.0f} | {r['vs_single']:.2f} "
+                f"| {r['startup'] or 0:.2f} | {r['work']:.2f} | {r['work_vs_single']:.2f} |"
             )
     if "cost" in results:
         print("\nThe shared limiter's cost: 4 Ray tasks x 16 concurrent acquire/release loops\n")

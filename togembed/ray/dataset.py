@@ -82,7 +82,11 @@ def embed_dataset(
         get_or_create(name, **s.limiter_settings())
         s = attrs.evolve(s, limiter_name=name)
     remote_args = {"num_cpus": 0, **(ray_remote_args or {})}
-    embedded = ds.repartition(target_num_rows_per_block=rows_per_batch).map_batches(
+    # strict: every block exactly rows_per_batch rows. Without it, each input block is cut
+    # into a full block and a remainder that travel to one actor together, and on Ray 2.60
+    # the actors then took turns (100k texts, 4 actors: 22 s instead of 10 s).
+    spread = ds.repartition(target_num_rows_per_block=rows_per_batch, strict=True)
+    embedded = spread.map_batches(
         Embedder,
         fn_constructor_kwargs=attrs.asdict(s),
         batch_format="pyarrow",
