@@ -6,7 +6,8 @@ process against the same kind of fresh server subprocess.
     python benchmarks/service.py --cases limited-50 --clients togembed,openai --duration 5
     python benchmarks/service.py --baseline e976d00       # adds togembed at that commit
 
-Cases: ``limited-50``/``limited-200`` (server at 600 requests/min, 50 or 200 calls/s),
+Cases: ``limited-50``/``limited-200`` (server at 600 requests/min, 50 or 200 calls/s;
+``limited-200-tpm``: also 6M tokens/min, so that it sends token headers as Together does),
 ``free-10``/``free-200``/``free-1000`` (no limit), ``cold`` (the first call on a new client,
 then a burst of 16 calls at once on another new client). Every server answers after
 ``--latency`` (20 ms). Per client: calls completed within the run (arrivals for ``--duration``
@@ -49,6 +50,8 @@ CLIENTS = ("togembed", "togembed-nomerge", "openai", "together", "aiohttp")
 CASES: dict[str, dict[str, Any]] = {
     "limited-50": {"rate": 50, "server": ["--rpm", "600"]},
     "limited-200": {"rate": 200, "server": ["--rpm", "600"]},
+    # As Together answers: a token limit too (x-tokenlimit-* headers), far above what is sent.
+    "limited-200-tpm": {"rate": 200, "server": ["--rpm", "600", "--tpm", "6000000"]},
     "free-10": {"rate": 10, "server": []},
     "free-200": {"rate": 200, "server": []},
     "free-1000": {"rate": 1000, "server": []},

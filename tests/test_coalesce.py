@@ -164,6 +164,40 @@ async def test_a_token_paced_request_carries_no_more_than_its_ticket(
     assert [f.tokens for f in gate.released] == gate.asked
 
 
+class GrowingTokenGateLimiter(TokenGateLimiter):
+    """A ``TokenGateLimiter`` whose token budget has room for whatever joins a request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[int] = []
+
+    def try_add_tokens(self, ticket: Ticket, tokens: int) -> bool:
+        self.added.append(tokens)
+        ticket.tokens += tokens
+        return True
+
+
+async def test_calls_queued_meanwhile_join_when_the_limiter_grants_their_tokens(
+    server: FakeTogetherServer,
+) -> None:
+    """With ``try_add_tokens`` a token-paced request still takes in the calls that queued
+    while its ticket was awaited, and its ticket carries their tokens."""
+    gate = GrowingTokenGateLimiter()
+    first, later = calls_of(1, "a"), calls_of(5, "b")
+    async with client_for(server, limiter=gate) as client:
+        tasks = [asyncio.ensure_future(client.embed(first[0]))]
+        await wait_until(lambda: len(gate.asked) == 1)
+        tasks += [asyncio.ensure_future(client.embed(texts)) for texts in later]
+        await wait_until(lambda: client.stats.waiting == 6)
+        gate.grant(1)
+        results = await asyncio.gather(*tasks)
+    for texts, rows in zip(first + later, results, strict=True):
+        np.testing.assert_array_equal(rows, fake_embeddings(texts, DIM))
+    assert [r.n_inputs for r in server.stats.log] == [sum(map(len, first + later))]
+    assert len(gate.asked) == 1 and len(gate.added) == len(later)
+    assert [f.tokens for f in gate.released] == [gate.asked[0] + sum(gate.added)]
+
+
 async def test_calls_of_other_models_or_options_do_not_share(server: FakeTogetherServer) -> None:
     gate = GateLimiter()
     async with client_for(server, limiter=gate) as client:

@@ -57,6 +57,30 @@ def test_cost_above_capacity_waits_for_a_full_bucket_then_goes_into_debt() -> No
     assert pacer.wait(0.0, 5) == pytest.approx(45 / 9.9)
 
 
+def test_an_admitted_request_may_carry_more_tokens_only_while_the_bucket_has_them() -> None:
+    """``try_add_tokens``: calls that queued while a request waited join it only with tokens
+    the bucket holds now; the ticket then carries them (release reconciles with them)."""
+    now = [0.0]
+    limiter = RateLimiter(tpm=6000, clock=lambda: now[0])  # capacity 100 tokens
+    ticket = limiter.try_acquire(60)
+    assert ticket is not None
+    assert not limiter.try_add_tokens(ticket, 41)  # 40 left
+    assert limiter.try_add_tokens(ticket, 40)
+    assert ticket.tokens == 100
+    assert not limiter.try_add_tokens(ticket, 1)
+    limiter.release(ticket, Feedback(status=200, tokens=100))  # counted as charged: no debt
+    now[0] = 0.5  # 49.5 tokens back
+    assert limiter.try_acquire(49) is not None
+
+
+def test_try_add_tokens_is_free_without_a_token_limit() -> None:
+    limiter = RateLimiter(rpm=600)
+    ticket = limiter.try_acquire(10)
+    assert ticket is not None
+    assert limiter.try_add_tokens(ticket, 10**6)
+    assert ticket.tokens == 10**6 + 10
+
+
 def test_unconfigured_probes_with_one_request_until_the_first_answer() -> None:
     pacer = Pacer()
     ticket = pacer.take(0.0, 10)

@@ -55,6 +55,26 @@ class DecodedBatch:
         except (ValueError, TypeError, binascii.Error) as exc:
             raise APIResponseValidationError(f"embedding values are not numbers: {exc}") from exc
 
+    def split(self, parts: list[tuple[int, int]]) -> list[DecodedBatch]:
+        """A shared request's answer cut into its callers' answers: ``parts`` are (rows,
+        estimated tokens) in order. The server's token count is shared out by the estimates
+        (the last part gets the rounding), so the parts' counts add up to it."""
+        usage, total = self.usage, sum(tokens for _, tokens in parts) or 1
+        out: list[DecodedBatch] = []
+        start = 0
+        left = (usage.prompt_tokens, usage.total_tokens) if usage is not None else (0, 0)
+        for i, (n, tokens) in enumerate(parts):
+            share = None
+            if usage is not None:
+                last = i == len(parts) - 1
+                prompt = left[0] if last else usage.prompt_tokens * tokens // total
+                all_tokens = left[1] if last else usage.total_tokens * tokens // total
+                left = (left[0] - prompt, left[1] - all_tokens)
+                share = Usage(prompt_tokens=prompt, total_tokens=all_tokens)
+            out.append(attrs.evolve(self, rows=self.rows[start : start + n], usage=share))
+            start += n
+        return out
+
     def to_embeddings(self, offset: int, *, keep_base64: bool) -> list[Embedding]:
         """``Embedding`` objects indexed from ``offset``; base64 rows become float lists unless
         the caller asked for base64."""

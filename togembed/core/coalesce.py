@@ -32,7 +32,6 @@ from .protocol import encode_request
 from .refusals import rejects_input
 from .request import Abort, CallAborted, post_batch
 from .settings import CallSettings
-from .types import Usage
 
 __all__ = ["Coalescer", "RequestShape", "Resize", "SendAlone", "expected_wait"]
 
@@ -118,6 +117,7 @@ class Coalescer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._try_acquire = getattr(settings.limiter, "try_acquire", None)
+        self._try_add_tokens = getattr(settings.limiter, "try_add_tokens", None)
 
     def admit_now(self, key: Hashable, tokens: int) -> Ticket | None:
         """A ticket for a request that may go alone right now, or None: then ``submit``."""
@@ -191,12 +191,12 @@ class Coalescer:
             while (head := self._head(q)) is not None:
                 if self.window > 0:
                     await self._gather(q, head)
-                # Paced by tokens: the group's tokens are asked for, and it may not outgrow
-                # them; by requests only: every call queued meanwhile may join.
+                # Paced by tokens: the group's tokens are asked for, and calls queued meanwhile
+                # join only if the limiter grants their tokens too; by requests only: they join.
                 by_tokens = s.limiter.max_batch_tokens() is not None
                 asked = self._group_tokens(q) if by_tokens else head.tokens
                 ticket = await s.limiter.acquire(asked)
-                parts = self._take(q, ticket.tokens if by_tokens else None)
+                parts = self._take(q, ticket if by_tokens else None)
                 if not parts:
                     s.limiter.release(ticket, Feedback(status=None, sent=False))
                     continue
@@ -259,13 +259,12 @@ class Coalescer:
             tokens += part.tokens
         return tokens
 
-    def _take(self, q: _Queue, granted: int | None = None) -> list[_Part]:
+    def _take(self, q: _Queue, granted: Ticket | None = None) -> list[_Part]:
         """The queued parts that go in the request a ticket was granted for: oldest first,
-        as many as fit the request's items and token budget (and the ``granted`` tokens)."""
+        as many as fit the request's items and token budget (and the ``granted`` ticket's
+        tokens, or more if the limiter grants them now)."""
         s = self.s
         max_items, budget = s.max_items, s.token_budget()
-        if granted is not None:
-            budget = min(budget, granted)
         now = time.monotonic()
         soonest = s.fastest_answer or 0.0
         taken: list[_Part] = []
@@ -273,6 +272,8 @@ class Coalescer:
         while (part := self._head(q)) is not None:
             n = len(part.texts)
             if taken and (items + n > max_items or tokens + part.tokens > budget):
+                break
+            if taken and granted is not None and not self._granted(granted, tokens + part.tokens):
                 break
             q.parts.popleft()
             self._unqueue(q, part)
@@ -286,6 +287,11 @@ class Coalescer:
                 items += n
                 tokens += part.tokens
         return taken
+
+    def _granted(self, ticket: Ticket, tokens: int) -> bool:
+        """Whether ``ticket`` covers ``tokens`` (asking the limiter for the difference)."""
+        extra = tokens - ticket.tokens
+        return extra <= 0 or bool(self._try_add_tokens and self._try_add_tokens(ticket, extra))
 
     def _unqueue(self, q: _Queue, part: _Part) -> None:
         part.taken = True
@@ -340,11 +346,9 @@ class Coalescer:
         if not merged:
             self._settle(parts[0], decoded)
             return
-        start = 0
-        for part, usage in zip(parts, _usage_shares(decoded.usage, parts), strict=True):
-            stop = start + len(part.texts)
-            self._settle(part, attrs.evolve(decoded, rows=decoded.rows[start:stop], usage=usage))
-            start = stop
+        shares = decoded.split([(len(p.texts), p.tokens) for p in parts])
+        for part, share in zip(parts, shares, strict=True):
+            self._settle(part, share)
 
     @staticmethod
     def _settle(part: _Part, outcome: DecodedBatch | BaseException) -> None:
@@ -354,26 +358,6 @@ class Coalescer:
             part.future.set_exception(outcome)
         else:
             part.future.set_result(outcome)
-
-
-def _usage_shares(usage: Usage | None, parts: list[_Part]) -> list[Usage | None]:
-    """A shared request's token count, shared out by each call's estimated tokens (the last
-    gets the rounding), so the callers' counts add up to the server's."""
-    if usage is None:
-        return [None] * len(parts)
-    total = sum(p.tokens for p in parts) or 1
-    shares: list[Usage | None] = []
-    prompt_left, total_left = usage.prompt_tokens, usage.total_tokens
-    for i, part in enumerate(parts):
-        if i == len(parts) - 1:
-            prompt, all_tokens = prompt_left, total_left
-        else:
-            prompt = usage.prompt_tokens * part.tokens // total
-            all_tokens = usage.total_tokens * part.tokens // total
-        prompt_left -= prompt
-        total_left -= all_tokens
-        shares.append(Usage(prompt_tokens=prompt, total_tokens=all_tokens))
-    return shares
 
 
 def _deadline_error(wait: float | None) -> DeadlineExceededError:

@@ -88,6 +88,17 @@ class RateLimiter:
             return None
         return self._pacer.take(now, tokens)
 
+    def try_add_tokens(self, ticket: Ticket, tokens: int) -> bool:
+        """Let an admitted request carry ``tokens`` more if the token budget has them now
+        (calls that queued while it waited join it), else False."""
+        bucket = self._pacer.tokens
+        if bucket is not None:
+            if bucket.wait(self._clock(), tokens) > 0 or bucket.level < tokens:
+                return False
+            bucket.take(tokens)
+        ticket.tokens += tokens
+        return True
+
     def expected_wait(self, ahead: int = 0) -> float:
         """Seconds until a request queued behind those waiting now and ``ahead`` more would be
         admitted at the current pace: an estimate (answers change the pace; a cap on requests
