@@ -325,7 +325,7 @@ def check_targets(summaries: dict[str, dict[str, dict[str, Any]]]) -> list[dict[
 
     if "float" in summaries:
         if "aiohttp" in summaries["float"]:
-            add("float: togembed wall / aiohttp wall", wall_ratio("float", "aiohttp"), 0.5)
+            add("float: togembed wall / aiohttp wall", wall_ratio("float", "aiohttp"), 0.35)
         if "together" in summaries["float"]:
             add("float: togembed wall / together wall", wall_ratio("float", "together"), 0.1)
     if "base64" in summaries and "openai" in summaries["base64"]:
