@@ -142,6 +142,17 @@ class TokenGateLimiter(GateLimiter):
         return 100_000
 
 
+async def queue_while_the_first_waits(
+    client: togembed.AsyncClient, gate: TokenGateLimiter, calls: list[list[str]]
+) -> list[asyncio.Future[Any]]:
+    """Start the first call, let its request wait for a ticket, then queue the others."""
+    tasks = [asyncio.ensure_future(client.embed(calls[0]))]
+    await wait_until(lambda: len(gate.asked) == 1)
+    tasks += [asyncio.ensure_future(client.embed(texts)) for texts in calls[1:]]
+    await wait_until(lambda: client.stats.waiting == len(calls))
+    return tasks
+
+
 async def test_a_token_paced_request_carries_no_more_than_its_ticket(
     server: FakeTogetherServer,
 ) -> None:
@@ -150,10 +161,7 @@ async def test_a_token_paced_request_carries_no_more_than_its_ticket(
     gate = TokenGateLimiter()
     first, later = calls_of(1, "a"), calls_of(5, "b")
     async with client_for(server, limiter=gate) as client:
-        tasks = [asyncio.ensure_future(client.embed(first[0]))]
-        await wait_until(lambda: len(gate.asked) == 1)
-        tasks += [asyncio.ensure_future(client.embed(texts)) for texts in later]
-        await wait_until(lambda: client.stats.waiting == 6)
+        tasks = await queue_while_the_first_waits(client, gate, first + later)
         gate.grant(1)
         await wait_until(lambda: len(gate.asked) == 2)
         gate.grant(1)
@@ -185,10 +193,7 @@ async def test_calls_queued_meanwhile_join_when_the_limiter_grants_their_tokens(
     gate = GrowingTokenGateLimiter()
     first, later = calls_of(1, "a"), calls_of(5, "b")
     async with client_for(server, limiter=gate) as client:
-        tasks = [asyncio.ensure_future(client.embed(first[0]))]
-        await wait_until(lambda: len(gate.asked) == 1)
-        tasks += [asyncio.ensure_future(client.embed(texts)) for texts in later]
-        await wait_until(lambda: client.stats.waiting == 6)
+        tasks = await queue_while_the_first_waits(client, gate, first + later)
         gate.grant(1)
         results = await asyncio.gather(*tasks)
     for texts, rows in zip(first + later, results, strict=True):
