@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import socket
 import subprocess
 import sys
 import textwrap
@@ -467,17 +466,6 @@ async def test_a_redirect_loop_is_one_typed_error_not_retried(make_app: Any) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Connection failures: visible, and optionally fast
-
-
-@pytest.fixture
-def refused_url() -> Iterator[str]:
-    """A port that refuses connections: bound (so nothing else takes it), never listening."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        sock.close()
 
 
 async def test_connection_refused_warns_once_per_client_and_logs_each_retry(

@@ -11,8 +11,7 @@ wait: conftest's ``_no_backoff``).
 from __future__ import annotations
 
 import logging
-import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
@@ -26,17 +25,6 @@ from togembed.jobs.jobfile import job_path
 
 MODEL = "BAAI/bge-base-en-v1.5"
 _CLEAN_ENV = {"TOGETHER_API_KEY": None, "TOGETHER_BASE_URL": None}
-
-
-@pytest.fixture
-def refused_url() -> Iterator[str]:
-    """A port that refuses connections: bound (so nothing else takes it), never listening."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        sock.close()
 
 
 @pytest.fixture
