@@ -93,7 +93,8 @@ class RateLimiter:
         (calls that queued while it waited join it), else False."""
         bucket = self._pacer.tokens
         if bucket is not None:
-            if bucket.wait(self._clock(), tokens) > 0 or bucket.level < tokens:
+            bucket.refill(self._clock())
+            if bucket.level < tokens:
                 return False
             bucket.take(tokens)
         ticket.tokens += tokens
